@@ -1,0 +1,314 @@
+"""Typed configuration of a whole run.
+
+A run is described by one `Config`: a recipe YAML gives the values, `a.b=value` overrides change
+them, and `validate` rejects anything that would fail later (unknown keys, bad choices,
+impossible combinations) before any process group, engine or SLURM job exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot describe a valid run; the message names key and value."""
+
+
+@dataclass
+class ModelConfig:
+    """The towers: any open_clip model name, or a path to a model-config JSON in open_clip's format."""
+
+    name: str = "tiny-vit"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which training objective and its knobs.
+
+    name: "cliplite" (Jensen-Shannon bound, one negative per positive) or "infonce" (CLIP).
+    """
+
+    name: str = "cliplite"
+    head: str = "mlp"  # cliplite critic head: "mlp" (encode-and-dot block) or "linear"
+    head_hidden: int = 0  # width of the mlp branch; 0 -> same as the tower embedding
+    head_dim: int = 0  # output width of the critic heads; 0 -> same as the tower embedding
+    negatives: str = "shift"  # shift | random | hard | cross_rank
+    temperature_init: float = 1 / 0.07  # initial multiplier; learned as its log
+    temperature_max: float = 100.0  # clamp on exp(log_temperature), applied inside forward
+    prior_weight: float = 0.0  # cliplite image prior term; the paper's code used 0.1
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic shards written before training when `train_samples` > 0 and they are missing."""
+
+    dir: str = ""
+    train_samples: int = 0
+    eval_samples: int = 0
+    shard_size: int = 1000
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read.
+
+    train: shard URLs; brace patterns, several corpora joined with `::`, or a directory of
+    img2dataset output. batch_size is per rank (the global batch is batch_size x world size).
+    """
+
+    train: str = ""
+    eval: str = ""  # held-out shards for retrieval during and after training
+    num_samples: int = 0  # samples in `train`; 0 -> read sizes.json / *_stats.json beside shards
+    resampled: bool = False  # draw shards with replacement forever (LAION-style virtual epochs)
+    samples_per_epoch: int = 0  # resampled mode: samples per virtual epoch (global)
+    batch_size: int = 64
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    caption_key: str = "txt"  # "txt", or "json:FIELD" (a string or a list: one is picked per step)
+    image_keys: str = "jpg;jpeg;png;webp"
+    eval_batch_size: int = 256
+    eval_max_samples: int = 1000
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule; our own per-step warmup + cosine sets every group's lr.
+
+    The *_lr fields override `lr` for one part of the model (0 keeps `lr`): the paper trained
+    its CNN with SGD at 0.2 and the text side at 1e-3.
+    """
+
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    image_lr: float = 0.0
+    text_lr: float = 0.0
+    critic_lr: float = 0.0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    momentum: float = 0.9
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed settings. "auto" picks CUDA + bf16 where available, CPU + fp32 otherwise."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    zero_stage: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in total
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500  # 0: only on signals and at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: only at the end
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: str = "run"
+    resume: str = "auto"  # auto (newest checkpoint in the run dir, if any) | never | PATH
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+CHOICES: dict[str, tuple] = {
+    "objective.name": ("cliplite", "infonce"),
+    "objective.head": ("mlp", "linear"),
+    "objective.negatives": ("shift", "random", "hard", "cross_rank"),
+    "optim.name": ("adamw", "sgd"),
+    "engine.device": ("auto", "cpu", "cuda"),
+    "engine.precision": ("auto", "fp32", "bf16", "fp16"),
+    "engine.zero_stage": (0, 1, 2, 3),
+}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check `value` against a field type, allowing the safe widenings YAML needs (int -> float)."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported field type {typ}")  # keep configs plain
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if typ is float and not isinstance(value, float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, values: dict, prefix: str) -> None:
+    types_ = _field_types(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            valid = ", ".join(f"{prefix}{n}" for n in types_)
+            raise ConfigError(f"unknown key {key!r}; valid keys here: {valid}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of its keys, got {value!r}")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, types_[name], key))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value read as YAML (so 3 is int, true is bool)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. data.batch_size=64)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    if value is None:
+        value = ""
+    return parts, value
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Build a validated Config from a recipe YAML file and `key=value` overrides."""
+    cfg = Config()
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"recipe {str(path)!r}: top level must be a mapping of sections")
+        try:
+            _apply(cfg, values, "")
+        except ConfigError as exc:
+            raise ConfigError(f"recipe {str(path)!r}: {exc}") from exc
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply(cfg, _nest(parts, value), "")
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Reject configurations that would fail later, naming the key and the value."""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+    positive = ["data.batch_size", "data.eval_batch_size", "train.steps", "train.log_every",
+                "optim.grad_accum", "train.keep_checkpoints"]
+    for key in positive:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 1")
+    non_negative = ["data.workers", "data.num_samples", "data.samples_per_epoch", "data.shuffle_buffer",
+                    "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "optim.lr",
+                    "train.checkpoint_every", "train.eval_every", "data.eval_max_samples",
+                    "objective.prior_weight", "objective.head_hidden", "objective.head_dim"]
+    for key in non_negative:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give shard URLs, e.g. data.train='/data/cc3m/{00000..00331}.tar'")
+    if cfg.data.resampled and cfg.data.samples_per_epoch == 0 and cfg.data.num_samples == 0:
+        raise ConfigError("data.resampled=true needs data.samples_per_epoch (samples per virtual epoch)")
+    if not cfg.data.caption_key == "txt" and not cfg.data.caption_key.startswith("json:"):
+        raise ConfigError(f"data.caption_key={cfg.data.caption_key!r}: use 'txt' or 'json:FIELD'")
+    if cfg.objective.name == "cliplite" and cfg.objective.negatives != "cross_rank" and cfg.data.batch_size < 2:
+        raise ConfigError("data.batch_size must be >= 2 for cliplite: the negative caption comes from the local batch")
+    if cfg.objective.temperature_init <= 0 or cfg.objective.temperature_max < cfg.objective.temperature_init:
+        raise ConfigError("objective.temperature_init must be > 0 and <= objective.temperature_max")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio!r} must be within [0, 1]")
+    if cfg.engine.device == "cpu" and cfg.engine.precision == "fp16":
+        raise ConfigError("engine.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.data.synthetic.train_samples > 0 and not cfg.data.synthetic.dir:
+        raise ConfigError("data.synthetic.dir must name where to write the synthetic shards")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain data for the resolved-config YAML in the run directory (tuples become lists)."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

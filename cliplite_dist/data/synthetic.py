@@ -1,0 +1,379 @@
+"""A learnable synthetic image-caption corpus, written as webdataset shards.
+
+Random pixels teach a contrastive model nothing, so each image is a rendered scene (a grey
+background and one or two coloured shapes) and its captions are paraphrases that describe that
+scene compositionally: shape, colour, size, and position or spatial relation. Retrieval on a
+held-out split then measures whether the model learned those attributes.
+
+Every sample is drawn from its own RNG seeded by (seed, split, index), so a corpus is
+byte-identical for the same arguments, independent of shard size, and splits draw independent
+scenes. Shards follow the img2dataset layout (`key.jpg`, `key.txt`, `key.json`) with a
+`sizes.json` sidecar of per-shard counts, which the shard reader uses for epoch lengths.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import tarfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Named colours, chosen far apart in RGB and away from the grey backgrounds.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (240, 220, 20),
+    "green": (30, 160, 50),
+    "cyan": (0, 200, 220),
+    "blue": (30, 60, 220),
+    "purple": (140, 50, 200),
+    "pink": (255, 105, 180),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond", "star")
+SIZES: dict[str, float] = {"small": 0.11, "large": 0.18}  # bounding radius / image size
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")  # objects[0] vs objects[1]
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+POSITION_PHRASES = {
+    "left": ("on the left", "at the left", "on the left side"),
+    "right": ("on the right", "at the right", "on the right side"),
+    "top": ("at the top", "near the top", "in the top part"),
+    "bottom": ("at the bottom", "near the bottom", "in the bottom part"),
+    "center": ("in the center", "at the center", "centered"),
+}
+RELATION_PHRASES = {
+    "left of": ("to the left of", "left of", "on the left of"),
+    "right of": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+# "... with X {phrase}": where X lies relative to the object that "its"/"it" refers to.
+ITS_PHRASES = {
+    "left of": ("to its left", "on its left"),
+    "right of": ("to its right", "on its right"),
+    "above": ("above it", "over it"),
+    "below": ("below it", "under it"),
+}
+SINGLE_TEMPLATES = (
+    "a {a} {where}",
+    "{where}, a {a}",
+    "one {a} {where}",
+    "a single {a}, {where}",
+    "there is a {a} {where}",
+)
+# {a} is objects[0], {b} objects[1]; {rel} says where a is relative to b, {inv} the converse.
+PAIR_TEMPLATES = (
+    "a {a} {rel} a {b}",
+    "a {b} {inv} a {a}",
+    "a {a} with a {b} {b_its}",
+    "a {b} with a {a} {a_its}",
+    "{a}, {b} {b_its}",
+    "two shapes: a {a} {rel} a {b}",
+    "there is a {b} {inv} a {a}",
+)
+NUM_CAPTIONS = 4
+PAIR_PROBABILITY = 0.8  # pairs give ~18k distinct scenes, singles only 480
+
+_SUPERSAMPLE = 4  # draw shapes at 4x and box-downsample: clean anti-aliased edges at 64 px
+_MARGIN = 0.03  # minimum gap between an object and the image border, as a fraction of the size
+_SPLIT_RE = re.compile(r"[a-z0-9_]+")
+
+
+def _regular(n: int, radius: float, start_deg: float = -90.0) -> list[tuple[float, float]]:
+    step = 2 * math.pi / n
+    return [(radius * math.cos(math.radians(start_deg) + i * step),
+             radius * math.sin(math.radians(start_deg) + i * step)) for i in range(n)]
+
+
+def _star() -> list[tuple[float, float]]:
+    outer, inner = _regular(5, 1.0), _regular(5, 0.45, -90.0 + 36.0)
+    return [p for pair in zip(outer, inner) for p in pair]
+
+
+def _cross(w: float = 0.33) -> list[tuple[float, float]]:
+    return [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w),
+            (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+
+
+# Unit outlines (bounding radius 1, centroid at the origin, so the centre pixel is inside).
+_OUTLINES = {
+    "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
+    "triangle": _regular(3, 1.0),
+    "diamond": [(0, -1), (1, 0), (0, 1), (-1, 0)],
+    "cross": _cross(),
+    "star": _star(),
+}
+
+
+def _pick(rng: np.random.Generator, options):
+    """One element of a sequence (numpy's choice() would turn strings into np.str_)."""
+    return options[int(rng.integers(len(options)))]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A light or dark grey, plain or a gradient, slightly tinted, with mild grain."""
+    low, high = (150, 215) if rng.random() < 0.5 else (20, 80)
+    start = rng.uniform(low, high)
+    if rng.random() < 0.5:
+        end = float(np.clip(start + rng.uniform(-40, 40), low, high))
+        angle = rng.uniform(0, 2 * math.pi)
+        grid = np.linspace(-0.5, 0.5, size)
+        ramp = math.cos(angle) * grid[None, :] + math.sin(angle) * grid[:, None]
+        tone = start + (end - start) * (ramp - ramp.min()) / (np.ptp(ramp) or 1.0)
+    else:
+        tone = np.full((size, size), start)
+    tint = rng.uniform(-8, 8, 3)
+    grain = rng.normal(0.0, rng.uniform(2, 7), (size, size, 1))
+    return np.clip(tone[:, :, None] + tint + grain, 0, 255).astype(np.uint8)
+
+
+def _make_object(rng: np.random.Generator, taken: tuple[str, str] | None = None) -> dict:
+    """Random shape/colour/size; never the same shape and colour as `taken` (no ambiguous pair)."""
+    while True:
+        shape, colour = _pick(rng, SHAPES), _pick(rng, tuple(COLOURS))
+        if (shape, colour) != taken:
+            return {"shape": shape, "colour": colour, "size": _pick(rng, tuple(SIZES))}
+
+
+def _place_single(rng: np.random.Generator, position: str, r: float) -> tuple[float, float]:
+    """Centre (fractions of the image) for a lone object at a named position, jittered."""
+    along, across = 0.25 + rng.uniform(-0.05, 0.05), 0.5 + rng.uniform(-0.08, 0.08)
+    x, y = {"left": (along, across), "right": (1 - along, across), "top": (across, along),
+            "bottom": (across, 1 - along),
+            "center": (0.5 + rng.uniform(-0.05, 0.05), 0.5 + rng.uniform(-0.05, 0.05))}[position]
+    lo, hi = r + _MARGIN, 1 - r - _MARGIN
+    return float(np.clip(x, lo, hi)), float(np.clip(y, lo, hi))
+
+
+def _place_pair(rng: np.random.Generator, relation: str, r_a: float, r_b: float):
+    """Centres of a and b so that `a relation b` is unambiguous and the shapes never touch.
+
+    The separation along the relation's axis exceeds both radii plus a gap; the offset across it
+    stays under 0.35 of that separation, so the direction is within ~20 degrees of the axis.
+    """
+    a_first = relation in ("left of", "above")
+    r1, r2 = (r_a, r_b) if a_first else (r_b, r_a)
+    lo = r1 + r2 + 0.08
+    dist = rng.uniform(lo, max(lo, 1 - r1 - r2 - 2 * _MARGIN))
+    mid = rng.uniform(r1 + _MARGIN + dist / 2, 1 - r2 - _MARGIN - dist / 2)
+    offset, cross_mid = rng.uniform(-0.35, 0.35) * dist, rng.uniform(0.35, 0.65)
+    along = (mid - dist / 2, mid + dist / 2)
+    across = (float(np.clip(cross_mid - offset / 2, r1 + _MARGIN, 1 - r1 - _MARGIN)),
+              float(np.clip(cross_mid + offset / 2, r2 + _MARGIN, 1 - r2 - _MARGIN)))
+    first, second = ((along[0], across[0]), (along[1], across[1]))
+    if relation in ("above", "below"):
+        first, second = first[::-1], second[::-1]
+    return (first, second) if a_first else (second, first)
+
+
+def _draw(canvas: ImageDraw.ImageDraw, rng: np.random.Generator, obj: dict, image_size: int):
+    """Draw one object, centred on pixel (x, y), in its colour with a little jitter."""
+    k = _SUPERSAMPLE
+    cx, cy = (obj["x"] + 0.5) * k, (obj["y"] + 0.5) * k
+    r = SIZES[obj["size"]] * image_size * k
+    jittered = np.clip(np.add(COLOURS[obj["colour"]], rng.integers(-8, 9, 3)), 0, 255)
+    fill = tuple(int(c) for c in jittered)
+    if obj["shape"] == "circle":
+        canvas.ellipse((cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r), fill=fill)
+    else:
+        outline = [(cx + r * px, cy + r * py) for px, py in _OUTLINES[obj["shape"]]]
+        canvas.polygon(outline, fill=fill)
+
+
+def render_scene(rng: np.random.Generator, image_size: int = 64) -> tuple[Image.Image, dict]:
+    """Render a random scene; returns the RGB image and its description.
+
+    The description is {"objects": [{"shape", "colour", "size", "x", "y"}, ...], "relation":
+    where objects[0] is relative to objects[1] (or None), "position": where a lone object is (or
+    None)}; x, y are the integer pixel coordinates of each object's centre.
+    """
+    first = _make_object(rng)
+    if rng.random() < PAIR_PROBABILITY:
+        objects = [first, _make_object(rng, taken=(first["shape"], first["colour"]))]
+        relation, position = _pick(rng, RELATIONS), None
+        centres = _place_pair(rng, relation, *(SIZES[o["size"]] for o in objects))
+    else:
+        objects, relation, position = [first], None, _pick(rng, POSITIONS)
+        centres = [_place_single(rng, position, SIZES[first["size"]])]
+    for obj, (x, y) in zip(objects, centres):
+        obj["x"] = min(int(x * image_size), image_size - 1)
+        obj["y"] = min(int(y * image_size), image_size - 1)
+    big = _SUPERSAMPLE * image_size
+    image = Image.fromarray(_background(rng, image_size)).resize((big, big), Image.NEAREST)
+    canvas = ImageDraw.Draw(image)
+    for obj in objects:
+        _draw(canvas, rng, obj, image_size)
+    image = image.resize((image_size, image_size), Image.BOX)
+    return image, {"objects": objects, "relation": relation, "position": position}
+
+
+def _phrase(rng: np.random.Generator, obj: dict) -> str:
+    return f"{_pick(rng, SIZE_WORDS[obj['size']])} {obj['colour']} {obj['shape']}"
+
+
+def _fill(template: str, scene: dict, rng: np.random.Generator) -> str:
+    objects = scene["objects"]
+    if scene["relation"] is None:
+        where = _pick(rng, POSITION_PHRASES[scene["position"]])
+        return template.format(a=_phrase(rng, objects[0]), where=where)
+    rel, inv = scene["relation"], INVERSE[scene["relation"]]
+    return template.format(
+        a=_phrase(rng, objects[0]), b=_phrase(rng, objects[1]),
+        rel=_pick(rng, RELATION_PHRASES[rel]), inv=_pick(rng, RELATION_PHRASES[inv]),
+        a_its=_pick(rng, ITS_PHRASES[rel]), b_its=_pick(rng, ITS_PHRASES[inv]))
+
+
+def captions_for(scene: dict, rng: np.random.Generator, count: int = NUM_CAPTIONS) -> list[str]:
+    """`count` paraphrases of the scene, each from a different template, in random order."""
+    templates = PAIR_TEMPLATES if scene["relation"] is not None else SINGLE_TEMPLATES
+    order = rng.permutation(len(templates))[:count]
+    return [_fill(templates[i], scene, rng) for i in order]
+
+
+def _split_id(split: str) -> int:
+    """A stable 64-bit id for a split name (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(split.encode("utf-8")).digest()[:8], "little")
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The RNG for one sample: independent across (seed, split, index), same in every process."""
+    return np.random.default_rng([seed, _split_id(split), index])
+
+
+def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict:
+    """One webdataset sample: {"__key__", "jpg", "txt", "json"} with bytes values but the key."""
+    rng = sample_rng(seed, split, index)
+    image, scene = render_scene(rng, image_size)
+    captions = captions_for(scene, rng)
+    key = f"{split}{index:09d}"
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90, subsampling=0)  # 4:4:4 keeps small shapes' colours true
+    meta = {"captions": captions, **scene, "key": key}
+    return {"__key__": key, "jpg": buf.getvalue(), "txt": captions[0].encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a file with fixed metadata (mtime, owner), so shards are byte-reproducible."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(path: pathlib.Path, indices: range, seed: int, split: str,
+                 image_size: int) -> None:
+    """Write to a temporary name, rename when complete: a final name always means a whole shard."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in indices:
+                sample = make_sample(seed, split, index, image_size)
+                for ext in ("jpg", "txt", "json"):
+                    _add_member(tar, f"{sample['__key__']}.{ext}", sample[ext])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _own_shard_re(split: str) -> re.Pattern:
+    return re.compile(rf"{re.escape(split)}-\d{{5}}\.tar")
+
+
+def _update_sizes(out_dir: pathlib.Path, split: str, counts: dict[str, int]) -> None:
+    """Merge this split's counts into sizes.json, atomically (readers may be polling it).
+
+    Entries of other splits are kept; entries of this split that this run did not write (from an
+    earlier, larger run) are dropped, so the sidecar describes exactly the current shards.
+    """
+    sizes_path = out_dir / "sizes.json"
+    sizes = json.loads(sizes_path.read_text(encoding="utf-8")) if sizes_path.exists() else {}
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{sizes_path} is not a JSON object of shard name -> count")
+    own = _own_shard_re(split)
+    merged = {name: n for name, n in sizes.items() if not own.fullmatch(name)}
+    merged.update(counts)
+    tmp = sizes_path.with_name(f".sizes.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, sizes_path)
+
+
+def _remove_stale_shards(out_dir: pathlib.Path, split: str, written: dict[str, int]) -> None:
+    """Delete this split's shards from an earlier, larger run, so a glob matches only this one."""
+    own = _own_shard_re(split)
+    for path in out_dir.glob(f"{split}-*.tar"):
+        if own.fullmatch(path.name) and path.name not in written:
+            path.unlink()
+
+
+def _validate(num_samples, split, shard_size, image_size, seed) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if not is_int(shard_size) or shard_size < 1:
+        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
+    if not is_int(image_size) or image_size < 32:
+        raise ValueError(
+            f"image_size must be an integer >= 32 (shapes get unreadable below), got {image_size!r}")
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(split, str) or not _SPLIT_RE.fullmatch(split):
+        raise ValueError(f"split must be a name of [a-z0-9_] characters, got {split!r}")
+
+
+def write_corpus(out_dir, num_samples: int, *, split: str = "train", shard_size: int = 1000,
+                 image_size: int = 64, seed: int = 0) -> list[pathlib.Path]:
+    """Write `num_samples` samples to `out_dir/{split}-{NNNNN}.tar`; return the shard paths.
+
+    Also merges the shard counts into `out_dir/sizes.json` and removes shards of this split left
+    over from an earlier, larger run, so a glob of the split matches what was just written.
+    """
+    _validate(num_samples, split, shard_size, image_size, seed)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, counts = [], {}
+    for shard, start in enumerate(range(0, num_samples, shard_size)):
+        indices = range(start, min(start + shard_size, num_samples))
+        path = out / f"{split}-{shard:05d}.tar"
+        _write_shard(path, indices, seed, split, image_size)
+        paths.append(path)
+        counts[path.name] = len(indices)
+    _update_sizes(out, split, counts)
+    _remove_stale_shards(out, split, counts)
+    return paths
+
+
+SYNTHETIC_SPLITS = (("train", "train_samples"), ("heldout", "eval_samples"))
+
+
+def _split_complete(out: pathlib.Path, split: str, num_samples: int) -> bool:
+    sizes_path = out / "sizes.json"
+    if not sizes_path.exists():
+        return False
+    own = _own_shard_re(split)
+    counts = {n: c for n, c in json.loads(sizes_path.read_text(encoding="utf-8")).items() if own.fullmatch(n)}
+    return sum(counts.values()) == num_samples and all((out / n).exists() for n in counts)
+
+
+def ensure_corpus(cfg) -> None:
+    """Write the recipe's synthetic corpus (a `SyntheticConfig`) unless it is already complete:
+    `{dir}/train/` and `{dir}/heldout/`, so that each split is a directory of shards. Call it
+    on one rank only; the others wait at a barrier."""
+    if cfg.train_samples <= 0:
+        return
+    for split, field in SYNTHETIC_SPLITS:
+        num_samples = getattr(cfg, field)
+        out = pathlib.Path(cfg.dir) / split
+        if num_samples > 0 and not _split_complete(out, split, num_samples):
+            write_corpus(out, num_samples, split=split, shard_size=cfg.shard_size,
+                         image_size=cfg.image_size, seed=cfg.seed)

@@ -1,0 +1,155 @@
+"""One place that turns a torchrun, SLURM (`srun`) or single-process environment into ranks.
+
+Everything else asks `DistEnv` for rank and world size. `export()` writes the torch.distributed
+variables back into os.environ *before* data-loader workers start, so webdataset-style node
+splitting in the workers sees the real rank instead of "rank 0 of 1".
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM compressed host list, e.g. `gpu[001-002,005],cpu7` -> gpu001 gpu002 gpu005 cpu7.
+
+    Our own parser so that no `scontrol` is needed inside the job (and unit tests run anywhere).
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        hosts.extend(_expand_item(item))
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def _expand_item(item: str) -> list[str]:
+    match = _BRACKET.search(item)
+    if not match:
+        return [item]
+    prefix, suffix = item[: match.start()], item[match.end():]
+    out = []
+    for part in match.group(1).split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            width = len(lo)
+            values = [str(v).zfill(width) for v in range(int(lo), int(hi) + 1)]
+        else:
+            values = [part]
+        for value in values:
+            out.extend(_expand_item(prefix + value + suffix))
+    return out
+
+
+def _tasks_on_first_node(tasks_per_node: str) -> int:
+    """`SLURM_TASKS_PER_NODE` looks like `4(x2),3`; local world size is the count of our node."""
+    first = tasks_per_node.split(",")[0]
+    return int(first.split("(")[0])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def slurm_port(job_id: str, restart_count: int = 0) -> int:
+    """A port every task of a job derives alike; a requeued job (new restart count) gets a new one,
+    so its rendezvous never meets a stale store from the previous allocation."""
+    return 15000 + (int(job_id) * 7 + restart_count * 101) % 20000
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"  # torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environ(cls, environ: dict | None = None) -> "DistEnv":
+        env = os.environ if environ is None else environ
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return cls(
+                rank=int(env["RANK"]),
+                world_size=int(env["WORLD_SIZE"]),
+                local_rank=int(env.get("LOCAL_RANK", 0)),
+                local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", 29500)),
+                source="torchrun",
+            )
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+            return cls(
+                rank=int(env["SLURM_PROCID"]),
+                world_size=int(env["SLURM_NTASKS"]),
+                local_rank=int(env.get("SLURM_LOCALID", 0)),
+                local_world_size=_tasks_on_first_node(env.get("SLURM_TASKS_PER_NODE", "1")),
+                master_addr=expand_nodelist(nodelist)[0],
+                master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"),
+                                                                     int(env.get("SLURM_RESTART_COUNT", 0)))),
+                source="slurm",
+            )
+        return cls(master_port=int(env.get("MASTER_PORT") or _free_port()))
+
+    def export(self, environ: dict | None = None) -> None:
+        env = os.environ if environ is None else environ
+        env.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK where a GPU is present (or asked for), else cpu."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("engine.device=cuda but torch sees no GPU on this machine")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 1800) -> None:
+    """Start the process group: nccl for CUDA devices, gloo on CPU. Always a group, even of one,
+    so the trainer and DeepSpeed take a single code path."""
+    import deepspeed
+
+    env.export()
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s), rank=env.rank,
+                               world_size=env.world_size)

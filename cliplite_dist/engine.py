@@ -1,0 +1,116 @@
+"""DeepSpeed from our config: precision, ZeRO stage, clipping, accumulation, optimizer groups.
+
+The engine owns precision, ZeRO, clipping and the optimizer step; the trainer only calls
+`backward` and `step`. The learning rate is our own per-step warmup + cosine, written into each
+parameter group (a DeepSpeed `scheduler` block would overwrite per-group rates).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cliplite_dist.config import Config, EngineConfig, OptimConfig
+
+PARTS = ("image", "text", "critic")
+
+
+def resolve_precision(cfg: EngineConfig, device: torch.device) -> str:
+    """bf16 on GPUs that have it, fp32 on CPU, unless the recipe says otherwise."""
+    if cfg.precision != "auto":
+        if cfg.precision == "fp16" and device.type != "cuda":
+            raise ValueError("engine.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+        return cfg.precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _part_of(name: str) -> str:
+    if name.startswith("objective."):
+        return "critic"
+    if name.startswith("towers.visual."):
+        return "image"
+    return "text"
+
+
+def _decays(name: str, param: nn.Parameter) -> bool:
+    """No weight decay on norms, biases, temperatures and other 1-d parameters."""
+    return param.ndim >= 2 and "log_temp" not in name and "logit_scale" not in name
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Groups by (part, decay); each carries `base_lr`, which the schedule scales every step."""
+    part_lr = {"image": cfg.image_lr or cfg.lr, "text": cfg.text_lr or cfg.lr,
+               "critic": cfg.critic_lr or cfg.lr}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((_part_of(name), _decays(name, param)), []).append(param)
+    return [
+        {"params": params, "name": f"{part}{'' if decay else '_no_decay'}",
+         "weight_decay": cfg.weight_decay if decay else 0.0,
+         "lr": part_lr[part], "base_lr": part_lr[part]}
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    fused = device.type == "cuda"  # fused AdamW where the device has it
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to `min_ratio` at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def deepspeed_config(cfg: Config, precision: str) -> dict:
+    zero = {"stage": cfg.engine.zero_stage}
+    if cfg.engine.zero_stage == 3:
+        # gather full parameters for saving so checkpoints hold consolidated 16-bit weights too
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,  # our trainer logs
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class Engine:
+    engine: object  # deepspeed.DeepSpeedEngine
+    precision: str
+    device: torch.device
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+
+def build_engine(model: nn.Module, cfg: Config, device: torch.device) -> Engine:
+    import deepspeed
+
+    precision = resolve_precision(cfg.engine, device)
+    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, precision))
+    return Engine(engine=engine, precision=precision, device=device)

@@ -1,0 +1,99 @@
+"""open_clip towers plus the training objective, as one module owned by one DeepSpeed engine.
+
+Towers come from open_clip by name (RN50, ViT-B-32, ... any registered config), from a model-config
+JSON in open_clip's format given by path, or from our tiny configs shipped in `model_configs/`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+from torch import nn
+
+from cliplite_dist.config import ModelConfig, ObjectiveConfig
+from cliplite_dist.objectives import Objective, ObjectiveOutput, build_objective
+
+PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def resolve_model_name(name: str) -> str:
+    """The open_clip name for `name`; a JSON path is registered with open_clip under its stem."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(PACKAGED_CONFIGS)
+        _registered = True
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.name={name!r}: no such model-config JSON file")
+        open_clip.add_model_config(path)
+        return path.stem
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"model.name={name!r} is not an open_clip model config; known: "
+                         f"{', '.join(open_clip.list_models())}")
+    return name
+
+
+@dataclass
+class Towers:
+    model: nn.Module
+    embed_dim: int
+    train_transform: Callable
+    eval_transform: Callable
+    tokenizer: Callable
+
+
+def build_towers(cfg: ModelConfig) -> Towers:
+    name = resolve_model_name(cfg.name)
+    model = open_clip.create_model(name, pretrained=None)
+    # open_clip's own logit scale/bias are unused (each objective owns its temperature), and as
+    # 0-dim parameters they break DeepSpeed 0.19's initial broadcast (`view(uint8)` of a scalar):
+    # drop them; an export to open_clip's format writes the objective's temperature back.
+    for attr in ("logit_scale", "logit_bias"):
+        if isinstance(getattr(model, attr, None), nn.Parameter):
+            setattr(model, attr, None)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    visual = model.visual
+    image_size = visual.image_size
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return Towers(
+        model=model,
+        embed_dim=int(open_clip.get_model_config(name)["embed_dim"]),
+        train_transform=open_clip.image_transform(image_size, is_train=True, mean=mean, std=std),
+        eval_transform=open_clip.image_transform(image_size, is_train=False, mean=mean, std=std),
+        tokenizer=open_clip.get_tokenizer(name),
+    )
+
+
+class ContrastiveModel(nn.Module):
+    """Towers and objective in one module, so one engine owns (and partitions) all parameters.
+
+    Everything goes through `forward`, evaluation embeddings too: under ZeRO-3 parameters are
+    gathered by forward hooks, and calling `encode_text` directly would skip them.
+    """
+
+    def __init__(self, towers: nn.Module, objective: Objective):
+        super().__init__()
+        self.towers = towers
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor | None, tokens: torch.Tensor | None,
+                embed_only: bool = False) -> ObjectiveOutput | tuple:
+        image_emb = self.towers.encode_image(images) if images is not None else None
+        text_emb = self.towers.encode_text(tokens) if tokens is not None else None
+        if embed_only:
+            return (None if image_emb is None else self.objective.embed_image(image_emb),
+                    None if text_emb is None else self.objective.embed_text(text_emb))
+        return self.objective(image_emb, text_emb)
+
+
+def build_model(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig) -> tuple[ContrastiveModel, Towers]:
+    towers = build_towers(model_cfg)
+    objective = build_objective(objective_cfg, towers.embed_dim)
+    return ContrastiveModel(towers.model, objective), towers

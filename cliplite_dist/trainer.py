@@ -1,0 +1,244 @@
+"""The training loop: batches -> objective -> engine, logging, evaluation, checkpoints, signals.
+
+The same code runs as one process, under torchrun and under srun. Signals (SIGTERM, SIGUSR1,
+SIGUSR2) only set a flag; all ranks agree on it at the next step boundary, checkpoint together
+and exit with EXIT_INTERRUPTED, so a scheduler (or the user) can rerun the same command to resume.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cliplite_dist import checkpoint
+from cliplite_dist.config import Config, dump_config
+from cliplite_dist.data.pipeline import BadSampleTally, SampleDecoder, ShardStream, make_loader
+from cliplite_dist.data.shards import count_samples, expand_urls
+from cliplite_dist.data.synthetic import ensure_corpus
+from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
+from cliplite_dist.engine import build_engine, lr_factor, set_lr
+from cliplite_dist.evaluate.retrieval import EvalSet, evaluate_retrieval, load_eval_set
+from cliplite_dist.metrics import MetricLogger
+from cliplite_dist.models import build_model
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again to resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+log = logging.getLogger("cliplite_dist")
+
+
+class StopFlag:
+    """Set from a signal handler (no collectives there); read collectively at step boundaries."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+    def agreed(self, device) -> bool:
+        """True on every rank once any rank was signalled; afterwards `signum` is that signal
+        on every rank (the largest, if ranks got different ones)."""
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return self.signum != 0
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)  # libraries (open_clip logs model building at INFO) stay quiet
+    logging.getLogger("cliplite_dist").setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    file_handler = logging.FileHandler(run_dir / "logs" / f"train-rank{rank}.log")
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for handler in (file_handler, console):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.env = DistEnv.from_environ()
+        self.device = pick_device(cfg.engine.device, self.env.local_rank)
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.stop = StopFlag()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.stop.install()
+        init_distributed(env, self.device)
+        setup_logging(self.run_dir, env.rank)
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            ensure_corpus(cfg.data.synthetic)
+        dist.barrier()
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model, towers = build_model(cfg.model, cfg.objective)
+        self.engine_info = build_engine(model, cfg, self.device)
+        self.engine = self.engine_info.engine
+        torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank randomness from here on
+
+        urls = expand_urls(cfg.data.train)
+        num_samples = cfg.data.samples_per_epoch or cfg.data.num_samples or count_samples(urls)
+        self.batches_per_epoch = max(1, num_samples // (cfg.data.batch_size * env.world_size))
+        decoder = SampleDecoder(towers.train_transform, cfg.data.caption_key,
+                                tuple(cfg.data.image_keys.split(";")))
+        self.stream = ShardStream(urls, cfg.data, decoder, towers.tokenizer, env.rank,
+                                  env.world_size, cfg.train.seed)
+        self.loader = make_loader(self.stream, cfg.data.workers, pin_memory=self.device.type == "cuda")
+        self.eval_set: EvalSet | None = None
+        if cfg.data.eval:
+            eval_decoder = SampleDecoder(towers.eval_transform, cfg.data.caption_key,
+                                         decoder.image_keys, pick_first_caption=True)
+            self.eval_set = load_eval_set(expand_urls(cfg.data.eval), eval_decoder, towers.tokenizer,
+                                          cfg.data.eval_max_samples)
+        self.metrics = MetricLogger(self.run_dir / "tensorboard" if env.is_main else None)
+        log.info("run %s: %s, %d rank(s) (%s), device %s, %s, ZeRO %d; %d samples, %d batches of %d "
+                 "per rank per epoch", self.run_dir, cfg.objective.name, env.world_size, env.source,
+                 self.device, self.engine_info.precision, cfg.engine.zero_stage, num_samples,
+                 self.batches_per_epoch, cfg.data.batch_size)
+
+    def _resume(self) -> int:
+        """Restore the newest checkpoint (or the one named); returns the optimizer step to start at."""
+        mode = self.cfg.run.resume
+        if mode == "never":
+            return 0
+        root, tag = (self.ckpt_root, checkpoint.find_latest(self.ckpt_root)) if mode == "auto" else \
+            (Path(mode).parent, Path(mode).name)
+        if tag is None:
+            return 0
+        state = checkpoint.load(self.engine, root, tag)
+        log.info("resumed from %s at step %d", root / tag, state["step"])
+        return int(state["step"])
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def _batches(self, micro: int):
+        """Micro-batches from global micro-batch index `micro` on, epoch after epoch. A restart
+        inside an epoch reseeds that epoch's order with the restart point: a fresh order, not a replay."""
+        while True:
+            epoch, within = divmod(micro, self.batches_per_epoch)
+            self.stream.set_epoch(epoch, restart_at=within)
+            iterator = iter(self.loader)
+            for _ in range(within, self.batches_per_epoch):
+                yield epoch, next(iterator)
+                micro += 1
+            del iterator  # shuts the epoch's workers down
+
+    def _plain_grad_norm(self) -> float | None:
+        """Gradient norm before clipping where DeepSpeed reports none (fp32 without ZeRO: it clips
+        but discards the norm); None where the engine's own optimizer wrapper records it."""
+        if self.cfg.engine.zero_stage or self.engine_info.precision != "fp32":
+            return None
+        norms = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def _save(self, step: int, epoch: int) -> None:
+        checkpoint.save(self.engine, self.ckpt_root, step, {"step": step, "epoch": epoch},
+                        self.cfg.train.keep_checkpoints)
+        log.info("checkpoint saved: %s", self.ckpt_root / checkpoint.tag_for(step))
+
+    def _evaluate(self, step: int) -> dict | None:
+        if self.eval_set is None:
+            return None
+        results = evaluate_retrieval(self.engine, self.eval_set, self.cfg.data.eval_batch_size,
+                                     self.device, self.engine_info.input_dtype)
+        self.metrics.scalars({f"eval/{k}": v for k, v in results.items()}, step)
+        log.info("eval step %d: held-out retrieval R@1 i2t %.3f t2i %.3f (chance %.4f, %d samples)",
+                 step, results["i2t_R@1"], results["t2i_R@1"], results["chance_R@1"], results["num_samples"])
+        return results
+
+    def run(self) -> int:
+        self._setup()
+        cfg, engine = self.cfg, self.engine
+        accum, total = cfg.optim.grad_accum, cfg.train.steps
+        step = self._resume()
+        saved_step = step
+        tally = BadSampleTally()
+        samples_per_step = cfg.data.batch_size * self.env.world_size * accum
+        window_start, data_wait = time.perf_counter(), 0.0
+        window_steps, epoch = 0, step * accum // self.batches_per_epoch
+        set_lr(engine.optimizer, lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+        batches = self._batches(step * accum)
+        stopped = self.stop.agreed(self.device) if step < total else False
+        micro = 0
+        while step < total and not stopped:
+            fetch_start = time.perf_counter()
+            epoch, (images, tokens, bad) = next(batches)
+            data_wait += time.perf_counter() - fetch_start
+            tally.update(bad)
+            out = engine(images.to(self.device, self.engine_info.input_dtype, non_blocking=True),
+                         tokens.to(self.device, non_blocking=True))
+            engine.backward(out.loss)
+            micro += 1
+            log_now = micro % accum == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total)
+            grad_norm = self._plain_grad_norm() if log_now else None
+            engine.step()
+            self.metrics.accumulate(out)
+            if micro % accum:
+                continue
+            step += 1
+            window_steps += 1
+            set_lr(engine.optimizer, lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+            if log_now:
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps * samples_per_step / elapsed
+                if grad_norm is None:
+                    grad_norm = float(engine.get_global_grad_norm())
+                extra = {"lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                         "samples_per_s": rate, "data_wait_frac": data_wait / elapsed, "epoch": epoch}
+                extra.update({f"bad_{k}": v for k, v in tally.totals().items()})
+                line = self.metrics.flush(step, extra)
+                eta = (total - step) * elapsed / window_steps
+                log.info("step %d/%d | %s | eta %s", step, total, line, _fmt_duration(eta))
+                window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                self._evaluate(step)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                self._save(step, epoch)
+                saved_step = step
+            stopped = self.stop.agreed(self.device)
+        if step != saved_step:
+            self._save(step, epoch)
+        if stopped:
+            log.warning("stopped by signal %d (%s) at step %d; checkpoint saved, run the same command to resume",
+                        self.stop.signum, signal.Signals(self.stop.signum).name, step)
+            self.metrics.close()
+            return EXIT_INTERRUPTED
+        results = self._evaluate(step)
+        self.metrics.close()
+        if results is not None and self.env.is_main:
+            print(f"held-out retrieval R@1 = {results['i2t_R@1']:.3f} image->text, "
+                  f"{results['t2i_R@1']:.3f} text->image (chance {results['chance_R@1']:.4f})", flush=True)
+        log.info("done at step %d; TensorBoard logs: tensorboard --logdir %s", step, self.run_dir / "tensorboard")
+        return 0
+
+
+def train(cfg: Config) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

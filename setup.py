@@ -1,0 +1,39 @@
+"""Install with `pip install -e ".[dev]"`.
+
+torch/torchvision come from the package registry (the CUDA build also runs on CPU); DeepSpeed is
+installed from source with no ops precompiled, so it JIT-builds only what a run needs.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="cliplite_dist",
+    version="0.1.0",
+    description="Distributed CLIP-Lite and InfoNCE training on DeepSpeed over streamed webdataset shards",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cliplite_dist", "cliplite_dist.*"]),
+    package_data={"cliplite_dist": ["model_configs/*.json"]},
+    install_requires=[
+        "torch>=2.3",
+        "torchvision",
+        "open_clip_torch>=3.0",
+        "deepspeed>=0.16",
+        "webdataset>=1.0",
+        "fsspec",
+        "braceexpand",
+        "tensorboard",
+        "submitit>=1.5",
+        "pyyaml",
+        "pillow",
+        "numpy",
+        "safetensors",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    entry_points={
+        "console_scripts": [
+            "cliplite-train=cliplite_dist.cli:train_main",
+            "cliplite-synth=cliplite_dist.cli:synth_main",
+        ]
+    },
+)

@@ -1,0 +1,27 @@
+import os
+import tempfile
+
+import pytest
+import torch.distributed as dist
+
+
+@pytest.fixture(scope="session")
+def single_rank_group():
+    """One gloo group of one rank for the whole session: DeepSpeed caches groups, so tests that
+    build engines in-process share it instead of re-initialising."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    store = tempfile.mkdtemp(prefix="cliplite-pg-")
+    dist.init_process_group("gloo", init_method=f"file://{store}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A small synthetic corpus shared by the training tests: 3 train shards, 1 held-out shard."""
+    from cliplite_dist.config import SyntheticConfig
+    from cliplite_dist.data.synthetic import ensure_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    ensure_corpus(SyntheticConfig(dir=str(root), train_samples=600, eval_samples=64, shard_size=200))
+    return root

@@ -1,0 +1,68 @@
+import pytest
+
+from cliplite_dist.config import ConfigError, load_config, parse_override
+from pathlib import Path
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(recipe):
+    cfg = load_config(recipe)
+    assert cfg.data.train and cfg.train.steps > 0
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train: /x/{0..3}.tar\n")
+    cfg = load_config(recipe, ["objective.name=infonce", "data.batch_size=256", "optim.lr=1e-4",
+                               "engine.zero_stage=3", "data.train='s3://b/cc3m/{00000..00331}.tar'",
+                               "optim.betas=[0.9, 0.95]", "model.grad_checkpointing=true"])
+    assert cfg.objective.name == "infonce"
+    assert cfg.data.batch_size == 256 and isinstance(cfg.data.batch_size, int)
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.engine.zero_stage == 3
+    assert cfg.data.train == "s3://b/cc3m/{00000..00331}.tar"
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.model.grad_checkpointing is True
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.train=/x.tar", "data.batchsize=3"])
+    msg = str(err.value)
+    assert "data.batchsize" in msg and "data.batch_size" in msg and "data.workers" in msg
+
+
+def test_unknown_section_in_recipe_names_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("data:\n  train: /x.tar\ntrainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert "bad.yaml" in str(err.value) and "'trainer'" in str(err.value) and "train" in str(err.value)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("objective.name=siglip", "objective.name='siglip'"),
+    ("engine.zero_stage=4", "engine.zero_stage=4"),
+    ("data.batch_size=0", "data.batch_size=0"),
+    ("data.batch_size=abc", "data.batch_size"),
+    ("model.grad_checkpointing=3", "model.grad_checkpointing"),
+    ("data.caption_key=caption", "data.caption_key"),
+])
+def test_bad_values_are_named(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.train=/x.tar", override])
+    assert needle in str(err.value)
+
+
+def test_missing_train_shards_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("data.batch_size")
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,68 @@
+"""2-process torchrun runs over gloo: ZeRO 0/2/3 in fp32 and bf16, both objectives, 3 shards read
+by 2 ranks x 2 workers (fewer shards than readers), and a signal to one rank stopping both."""
+import signal
+import subprocess
+
+import pytest
+
+from runkit import RECIPE, clean_env, run, tiny_overrides, torchrun_command
+from test_train import EXIT_INTERRUPTED, wait_for_step
+
+CASES = [
+    (0, "fp32", "objective.name=cliplite"),
+    (0, "bf16", "objective.name=infonce"),
+    (2, "fp32", "objective.negatives=cross_rank"),
+    (2, "bf16", "objective.prior_weight=0.1"),
+    (3, "fp32", "objective.name=infonce"),
+    (3, "bf16", "objective.negatives=hard"),
+]
+
+
+@pytest.mark.parametrize("zero, precision, extra", CASES, ids=[f"zero{z}-{p}-{e.split('=')[1]}" for z, p, e in CASES])
+def test_two_ranks_train_evaluate_and_checkpoint(tiny_corpus, tmp_path, zero, precision, extra):
+    overrides = tiny_overrides(tiny_corpus, tmp_path, **{
+        "engine.zero_stage": zero, "engine.precision": precision, "data.workers": 2,
+        "train.steps": 4, "train.checkpoint_every": 2})
+    proc = run(torchrun_command() + [RECIPE, extra] + overrides, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    run_dir = tmp_path / "t"
+    assert f"2 rank(s) (torchrun), device cpu, {precision}, ZeRO {zero}" in out
+    assert "held-out retrieval R@1 =" in out
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"train-rank{rank}.log").read_text()
+        assert "Traceback" not in log
+    ckpt = run_dir / "checkpoints" / "step_00000004"
+    assert (ckpt / "COMPLETE").exists()
+    assert {p.name for p in ckpt.glob("trainer_state_rank*.pt")} == {"trainer_state_rank0.pt", "trainer_state_rank1.pt"}
+
+
+def test_signal_to_one_rank_stops_both_at_the_same_step(tiny_corpus, tmp_path):
+    overrides = tiny_overrides(tiny_corpus, tmp_path, **{
+        "train.steps": 400, "train.log_every": 1, "train.checkpoint_every": 0, "engine.zero_stage": 2})
+    proc = subprocess.Popen(torchrun_command() + [RECIPE] + overrides, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_dir = tmp_path / "t"
+    wait_for_step(run_dir, 3, proc)
+    subprocess.run(["kill", "-USR1", str(rank_pid(proc.pid, 1))], check=True)
+    out, _ = proc.communicate(timeout=180)
+    saved = (run_dir / "checkpoints" / "latest").read_text().strip()
+    folder = run_dir / "checkpoints" / saved
+    assert (folder / "COMPLETE").exists(), out[-3000:]
+    assert {p.name for p in folder.glob("trainer_state_rank*.pt")} == {"trainer_state_rank0.pt", "trainer_state_rank1.pt"}
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"train-rank{rank}.log").read_text()
+        assert f"stopped by signal {int(signal.SIGUSR1)} (SIGUSR1) at step {int(saved.split('_')[1])}" in log, log[-2000:]
+    assert proc.returncode != 0  # torchrun reports a worker's non-zero exit as its own failure
+    assert f"exitcode  : {EXIT_INTERRUPTED}" in out, out[-3000:]
+
+
+def rank_pid(agent_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank`: a child of the agent with RANK=rank in its environment
+    (data-loader workers share the command line, so matching on it could pick one of them)."""
+    children = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")

@@ -1,0 +1,138 @@
+import io
+import random
+import tarfile
+
+import open_clip
+import pytest
+import torch
+from torchvision import transforms
+
+from cliplite_dist.config import DataConfig
+from cliplite_dist.data.pipeline import (BadSampleCounter, BadSampleTally, EmptyStreamError, SampleDecoder,
+                                         ShardStream, make_loader)
+from shardkit import jpeg, write_shards
+
+TOKENIZER = open_clip.SimpleTokenizer(context_length=16)
+TRANSFORM = transforms.Compose([transforms.Resize(16), transforms.ToTensor()])
+
+
+def decoder(caption_key="txt", first=False):
+    return SampleDecoder(TRANSFORM, caption_key, ("jpg", "png"), pick_first_caption=first)
+
+
+def stream(urls, rank=0, world=1, **data):
+    cfg = DataConfig(train="x", **{"batch_size": 4, "shuffle_buffer": 8, **data})
+    return ShardStream(urls, cfg, decoder(cfg.caption_key), TOKENIZER, rank, world, seed=1)
+
+
+def one_pass_keys(s: ShardStream, slot: int, num_slots: int, count: int) -> list[str]:
+    samples = s._samples(slot, num_slots, BadSampleCounter(), random.Random(0))
+    return [next(samples)["__key__"] for _ in range(count)]
+
+
+@pytest.mark.parametrize("num_shards, per_shard", [(3, 5), (8, 2)])
+def test_ranks_and_workers_read_disjoint_parts_covering_the_corpus(tmp_path, num_shards, per_shard):
+    urls = write_shards(tmp_path, num_shards, per_shard)
+    slots = 4  # 2 ranks x 2 workers
+    s = stream(urls)
+    keys = []
+    for slot in range(slots):
+        if num_shards >= slots:
+            expected = per_shard * len(range(slot, num_shards, slots))
+        else:
+            expected = num_shards * len(range(slot, per_shard, slots))
+        keys.append(one_pass_keys(s, slot, slots, expected))
+    flat = [k for part in keys for k in part]
+    assert len(flat) == len(set(flat)) == num_shards * per_shard
+
+
+def test_three_shards_two_ranks_two_workers_give_equal_batches_without_hang(tmp_path):
+    urls = write_shards(tmp_path, 3, 7)  # 21 samples: shards cannot be split evenly
+    batches_per_epoch = 21 // (4 * 2)
+    for rank in range(2):
+        s = stream(urls, rank=rank, world=2)
+        loader = make_loader(s, workers=2, pin_memory=False)
+        for epoch in range(3):  # more batches than one pass holds: the stream cycles
+            s.set_epoch(epoch)
+            it = iter(loader)
+            for _ in range(batches_per_epoch + 3):
+                images, tokens, (worker, counts) = next(it)
+                assert images.shape == (4, 3, 16, 16) and tokens.shape == (4, 16)
+                assert sum(counts.values()) == 0
+            del it
+
+
+def test_epochs_differ_but_repeat_exactly(tmp_path):
+    urls = write_shards(tmp_path, 4, 6)
+
+    def first_tokens(epoch, restart_at=0):
+        s = stream(urls)
+        s.set_epoch(epoch, restart_at)
+        it = iter(s)
+        return torch.cat([next(it)[1] for _ in range(4)])  # 16 samples
+
+    assert torch.equal(first_tokens(0), first_tokens(0))
+    assert not torch.equal(first_tokens(0), first_tokens(1))
+    assert not torch.equal(first_tokens(3), first_tokens(3, restart_at=5))
+
+
+def write_bad_shard(path):
+    """Good samples mixed with every kind of bad one; returns the number of good samples."""
+    with tarfile.open(path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i in range(6):
+            add(f"good{i}.jpg", jpeg((200, 10, 10)))
+            add(f"good{i}.txt", b"a red square")
+        add("badimg.jpg", b"not a jpeg at all")
+        add("badimg.txt", b"a broken image")
+        add("nocap.jpg", jpeg((0, 0, 0)))
+        add("emptycap.jpg", jpeg((0, 0, 0)))
+        add("emptycap.txt", b"   ")
+        add("latin1.jpg", jpeg((0, 0, 0)))
+        add("latin1.txt", "caf\xe9 au lait".encode("latin-1"))
+    return 6
+
+
+def test_bad_samples_are_counted_by_kind_and_skipped(tmp_path, caplog):
+    good = write_bad_shard(tmp_path / "bad-00000.tar")
+    truncated = write_shards(tmp_path / "t", 1, 20, sizes=False)[0]
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[: len(data) // 2])  # cut mid-sample
+    missing = str(tmp_path / "missing-00000.tar")
+    s = stream([str(tmp_path / "bad-00000.tar"), truncated, missing], batch_size=2, shuffle_buffer=1)
+    tally = BadSampleTally()
+    it = iter(s)
+    for _ in range(12):
+        images, tokens, counts = next(it)
+        tally.update(counts)
+    totals = tally.totals()
+    assert totals["image"] >= 1, totals
+    assert totals["caption"] >= 3, totals  # missing, empty, non-UTF-8
+    assert totals["read"] >= 2, totals  # truncated tar + missing shard
+    assert good > 0
+    assert "skipping bad sample" in caplog.text
+
+
+def test_a_corpus_of_only_bad_samples_fails_fast(tmp_path):
+    path = tmp_path / "allbad-00000.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("x.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(EmptyStreamError, match="gave no sample"):
+        next(iter(stream([str(path), str(tmp_path / "gone.tar")])))
+
+
+def test_caption_from_json_list_is_picked_per_sample(tmp_path):
+    urls = write_shards(tmp_path, 1, 4)
+    sample = {"json": b'{"captions": ["one", "two", "  "]}', "txt": b"t"}
+    picked = {decoder("json:captions").caption(sample, random.Random(s)) for s in range(30)}
+    assert picked == {"one", "two"}
+    assert decoder("json:captions", first=True).caption(sample, random.Random(0)) == "one"
+    with pytest.raises(ValueError):
+        decoder("json:captions").caption({"json": b'{"captions": []}'}, random.Random(0))
+    images, tokens, _ = next(iter(stream(urls, caption_key="json:captions", batch_size=4)))
+    assert tokens.shape == (4, 16)
