@@ -34,6 +34,8 @@ setup(
         "console_scripts": [
             "cliplite-train=cliplite_dist.cli:train_main",
             "cliplite-synth=cliplite_dist.cli:synth_main",
+            "cliplite-submit=cliplite_dist.cli:submit_main",
+            "cliplite-status=cliplite_dist.cli:status_main",
         ]
     },
 )

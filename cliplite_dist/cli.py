@@ -45,3 +45,67 @@ def synth_main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.exit(2, f"cliplite-synth: error: {exc}\n")
     print(f"wrote {args.samples} samples in {len(paths)} shard(s) under {args.out}")
+
+
+def submit_main(argv: list[str] | None = None) -> None:
+    from dataclasses import fields
+
+    from cliplite_dist.launch.submit import SlurmOptions, dry_run_script, follow, parse_sweep, submit, \
+        sweep_points, validate_options
+
+    parser = argparse.ArgumentParser(
+        prog="cliplite-submit",
+        description="Validate a recipe and submit it to SLURM through submitit: one task per GPU, "
+                    "requeue with automatic resume on time limit or preemption, sweeps as job arrays.")
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    defaults = SlurmOptions()
+    helps = {"time": "time limit (minutes, HH:MM:SS, D-HH:MM:SS)", "mem": "memory per node, e.g. 256G",
+             "signal_delay": "seconds before the limit at which USR2 asks the job to checkpoint",
+             "max_requeues": "how often a stopped job requeues itself",
+             "tasks_per_node": "tasks per node (default: one per GPU; 1 without GPUs)"}
+    for f in fields(SlurmOptions):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
+                            default=getattr(defaults, f.name), help=helps.get(f.name))
+    parser.add_argument("--sweep", action="append", default=[], metavar="key=v1,v2",
+                        help="a grid axis; several --sweep give their product, one job array")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    parser.add_argument("--local", action="store_true", help="run the same job here through submitit's local executor")
+    parser.add_argument("--wait", action="store_true", help="follow the log until the job ends; exit with its status")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
+    opts = SlurmOptions(**{f.name: getattr(args, f.name) for f in fields(SlurmOptions)})
+    try:
+        validate_options(opts)
+        points = sweep_points(args.recipe, args.overrides, parse_sweep(args.sweep))
+    except ConfigError as exc:
+        parser.exit(2, f"cliplite-submit: error: {exc}\n")
+    if args.dry_run:
+        print(dry_run_script(opts, points[0][1], array_size=len(points) if args.sweep else 0))
+        return
+    jobs = submit(points, opts, local=args.local)
+    if args.sweep:
+        keys = list(points[0][0])
+        print("  ".join(["job"] + keys + ["run directory"]))
+        for job, (point, cfg) in zip(jobs, points):
+            print("  ".join([job.job_id] + [point[k] for k in keys] + [str(cfg.run_dir)]))
+    else:
+        job, cfg = jobs[0], points[0][1]
+        print(f"submitted job {job.job_id}\n  log     {job.paths.stdout}\n  errors  {job.paths.stderr}\n"
+              f"  run     {cfg.run_dir}")
+    sys.stdout.flush()
+    if args.wait:
+        sys.exit(max(follow(job) for job in jobs))
+
+
+def status_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cliplite-status",
+                                     description="State, last step, loss, samples/s and log tail of a run.")
+    parser.add_argument("target", metavar="RUN_DIR|JOB_ID")
+    parser.add_argument("--tail", type=int, default=10, help="log lines to show")
+    args = parser.parse_args(argv)
+    from cliplite_dist.launch.status import run_status
+
+    try:
+        print(run_status(args.target, args.tail).render())
+    except FileNotFoundError as exc:
+        parser.exit(1, f"cliplite-status: {exc}\n")

@@ -86,7 +86,7 @@ class DistEnv:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    source: str = "single"  # torchrun | slurm | single
+    source: str = "single"  # torchrun | slurm | submitit-local | single
 
     @property
     def is_main(self) -> bool:
@@ -116,6 +116,15 @@ class DistEnv:
                 master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"),
                                                                      int(env.get("SLURM_RESTART_COUNT", 0)))),
                 source="slurm",
+            )
+        if "SUBMITIT_LOCAL_GLOBALID" in env:  # submitit's local executor (`cliplite-submit --local`)
+            return cls(
+                rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
+                world_size=int(env["SUBMITIT_LOCAL_NTASKS"]),
+                local_rank=int(env["SUBMITIT_LOCAL_LOCALID"]),
+                local_world_size=int(env["SUBMITIT_LOCAL_NTASKS"]),
+                master_port=slurm_port(env["SUBMITIT_LOCAL_JOB_ID"]),
+                source="submitit-local",
             )
         return cls(master_port=int(env.get("MASTER_PORT") or _free_port()))
 

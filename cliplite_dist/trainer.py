@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -76,8 +77,11 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, on_stop: Callable[[], None] | None = None):
+        """`on_stop` runs on rank 0 after a signal-triggered checkpoint, while every rank still
+        waits at a barrier (the SLURM job uses it to requeue itself before any task exits)."""
         self.cfg = cfg
+        self.on_stop = on_stop
         self.env = DistEnv.from_environ()
         self.device = pick_device(cfg.engine.device, self.env.local_rank)
         self.run_dir = cfg.run_dir
@@ -225,6 +229,9 @@ class Trainer:
             log.warning("stopped by signal %d (%s) at step %d; checkpoint saved, run the same command to resume",
                         self.stop.signum, signal.Signals(self.stop.signum).name, step)
             self.metrics.close()
+            if self.on_stop is not None and self.env.is_main:
+                self.on_stop()
+            dist.barrier()
             return EXIT_INTERRUPTED
         results = self._evaluate(step)
         self.metrics.close()
@@ -235,8 +242,8 @@ class Trainer:
         return 0
 
 
-def train(cfg: Config) -> int:
-    trainer = Trainer(cfg)
+def train(cfg: Config, on_stop: Callable[[], None] | None = None) -> int:
+    trainer = Trainer(cfg, on_stop)
     try:
         return trainer.run()
     finally:

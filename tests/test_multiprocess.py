@@ -66,3 +66,42 @@ def rank_pid(agent_pid: int, rank: int) -> int:
         if f"RANK={rank}".encode() in environ:
             return int(pid)
     raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+def losses(run_dir) -> list[float]:
+    from runkit import metric_steps
+
+    return [m["train/loss"] for m in metric_steps(run_dir) if "train/loss" in m]
+
+
+def test_zero_stages_compute_the_same_training(tiny_corpus, tmp_path):
+    """Same seed, same data, fp32: ZeRO 0, 2 and 3 are the same optimisation, step for step."""
+    curves = {}
+    for zero in (0, 2, 3):
+        out = tmp_path / f"zero{zero}"
+        overrides = tiny_overrides(tiny_corpus, out, **{
+            "engine.zero_stage": zero, "engine.precision": "fp32", "train.steps": 4, "train.log_every": 1,
+            "train.checkpoint_every": 0, "data.eval": "''"})
+        proc = run(torchrun_command() + [RECIPE] + overrides, timeout=400)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        curves[zero] = losses(out / "t")
+    assert len(curves[0]) == 4
+    assert curves[0][0] != curves[0][-1]  # it did train
+    for zero in (2, 3):
+        assert curves[zero] == pytest.approx(curves[0], rel=1e-4, abs=1e-5), curves
+
+
+def test_zero3_two_ranks_resume_from_checkpoint(tiny_corpus, tmp_path):
+    def overrides(steps):
+        return tiny_overrides(tiny_corpus, tmp_path, **{
+            "engine.zero_stage": 3, "engine.precision": "bf16", "train.log_every": 1, "data.eval": "''",
+            "train.steps": steps, "train.checkpoint_every": 0})
+
+    first = run(torchrun_command() + [RECIPE] + overrides(4), timeout=400)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    second = run(torchrun_command() + [RECIPE] + overrides(6), timeout=400)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert f"resumed from {tmp_path / 't' / 'checkpoints' / 'step_00000004'} at step 4" in out
+    assert "step 5/6" in out and "step 1/6" not in out
+    assert (tmp_path / "t" / "checkpoints" / "step_00000006" / "COMPLETE").exists()

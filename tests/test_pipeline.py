@@ -136,3 +136,22 @@ def test_caption_from_json_list_is_picked_per_sample(tmp_path):
         decoder("json:captions").caption({"json": b'{"captions": []}'}, random.Random(0))
     images, tokens, _ = next(iter(stream(urls, caption_key="json:captions", batch_size=4)))
     assert tokens.shape == (4, 16)
+
+
+def test_resampled_mode_draws_shards_with_replacement_forever(tmp_path):
+    urls = write_shards(tmp_path, 2, 3)
+    s = stream(urls, resampled=True, samples_per_epoch=100, batch_size=2, shuffle_buffer=1)
+    it = iter(s)
+    batches = [next(it) for _ in range(20)]  # 40 samples from a 6-sample corpus
+    assert all(b[0].shape == (2, 3, 16, 16) for b in batches)
+
+
+def test_synth_cli_writes_a_readable_corpus(tmp_path, capsys):
+    from cliplite_dist.cli import synth_main
+    from cliplite_dist.data.shards import count_samples, expand_urls
+
+    synth_main([str(tmp_path), "--samples", "25", "--shard-size", "10"])
+    assert "wrote 25 samples in 3 shard(s)" in capsys.readouterr().out
+    assert count_samples(expand_urls(str(tmp_path))) == 25
+    with pytest.raises(SystemExit):
+        synth_main([str(tmp_path), "--samples", "0"])

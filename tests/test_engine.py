@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from cliplite_dist.config import Config, EngineConfig, ModelConfig, ObjectiveConfig, OptimConfig
+from cliplite_dist.engine import deepspeed_config, lr_factor, param_groups, resolve_precision, set_lr
+from cliplite_dist.models import build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ModelConfig(name="tiny-vit"), ObjectiveConfig(name="cliplite", prior_weight=0.1))[0]
+
+
+def test_groups_split_parts_and_exclude_norms_biases_temperatures_from_decay(model):
+    groups = param_groups(model, OptimConfig(lr=1e-3, image_lr=0.2, text_lr=0.0, critic_lr=5e-3, weight_decay=0.1))
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"image", "image_no_decay", "text", "text_no_decay", "critic", "critic_no_decay"}
+    assert by_name["image"]["base_lr"] == 0.2 and by_name["text"]["base_lr"] == 1e-3
+    assert by_name["critic"]["base_lr"] == 5e-3
+    assert all(g["weight_decay"] == 0.0 for n, g in by_name.items() if n.endswith("no_decay"))
+    assert all(g["weight_decay"] == 0.1 for n, g in by_name.items() if not n.endswith("no_decay"))
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = [names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert id(model.objective.log_temp) in no_decay
+    assert not any(n.endswith(".bias") or ".ln_" in n or "norm" in n for n in decayed_names), decayed_names
+    # every trainable parameter in exactly one group
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def test_open_clip_scalar_logit_scale_is_gone_and_no_parameter_is_0_dim(model):
+    assert getattr(model.towers, "logit_scale", None) is None
+    assert all(p.ndim >= 1 for p in model.parameters())  # DeepSpeed 0.19 cannot broadcast 0-dim ones
+
+
+def test_warmup_then_cosine():
+    assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0, "base_lr": 0.2}])
+    set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_deepspeed_config_follows_ours():
+    cfg = Config()
+    cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip, cfg.engine.zero_stage = 32, 4, 2.0, 3
+    ds = deepspeed_config(cfg, "bf16")
+    assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 2.0 and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert "scheduler" not in ds  # our own schedule sets per-group rates
+
+
+def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu():
+    cpu = torch.device("cpu")
+    assert resolve_precision(EngineConfig(precision="auto"), cpu) == "fp32"
+    assert resolve_precision(EngineConfig(precision="bf16"), cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_precision(EngineConfig(precision="fp16"), cpu)
