@@ -36,6 +36,8 @@ setup(
             "cliplite-synth=cliplite_dist.cli:synth_main",
             "cliplite-submit=cliplite_dist.cli:submit_main",
             "cliplite-status=cliplite_dist.cli:status_main",
+            "cliplite-export=cliplite_dist.cli:export_main",
+            "cliplite-eval=cliplite_dist.cli:eval_main",
         ]
     },
 )

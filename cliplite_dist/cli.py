@@ -109,3 +109,56 @@ def status_main(argv: list[str] | None = None) -> None:
         print(run_status(args.target, args.tail).render())
     except FileNotFoundError as exc:
         parser.exit(1, f"cliplite-status: {exc}\n")
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="cliplite-export",
+        description="Consolidate a run's newest checkpoint (any ZeRO stage) to fp32 and write an open_clip "
+                    "model folder (open_clip_config.json + safetensors) with our critic beside it.")
+    parser.add_argument("run_dir")
+    parser.add_argument("out")
+    parser.add_argument("--tag", default=None, help="a checkpoint folder name (default: the newest complete one)")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from cliplite_dist.export import export_run
+
+    try:
+        out = export_run(Path(args.run_dir), Path(args.out), args.tag)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.exit(1, f"cliplite-export: error: {exc}\n")
+    print(f"exported to {out}\n  open_clip: open_clip.create_model_and_transforms('local-dir:{out}')\n"
+          f"  with the critic: model, preprocess, tokenizer = cliplite_dist.load('{out}')")
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="cliplite-eval",
+        description="Retrieval, zero-shot classification and linear probe of an export, a run directory or a "
+                    "checkpoint; prints a table and writes JSON.")
+    parser.add_argument("target", metavar="RUN_DIR|CHECKPOINT|EXPORT")
+    parser.add_argument("--retrieval", metavar="SHARDS", help="caption shards or a CLIP_benchmark retrieval set")
+    parser.add_argument("--zeroshot", metavar="DIR", help="a CLIP_benchmark classification set")
+    parser.add_argument("--linear-probe", nargs=2, metavar=("TRAIN", "TEST"),
+                        help="two splits of a CLIP_benchmark classification or multilabel set, e.g. DIR/train DIR/test")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-images", type=int, default=0, help="per set; 0: all")
+    parser.add_argument("--json", metavar="FILE", help="where to write the results (default: TARGET/eval.json)")
+    args = parser.parse_args(argv)
+    if not (args.retrieval or args.zeroshot or args.linear_probe):
+        parser.error("give at least one of --retrieval, --zeroshot, --linear-probe")
+    import json
+    from pathlib import Path
+
+    from cliplite_dist.evaluate.standalone import evaluate, render
+
+    try:
+        results = evaluate(args.target, args.retrieval, args.zeroshot,
+                           tuple(args.linear_probe) if args.linear_probe else None, args.batch_size, args.max_images)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.exit(1, f"cliplite-eval: error: {exc}\n")
+    print(render(results))
+    out = Path(args.json) if args.json else Path(args.target) / "eval.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"results written to {out}")

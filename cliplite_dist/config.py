@@ -52,6 +52,8 @@ class SyntheticConfig:
     dir: str = ""
     train_samples: int = 0
     eval_samples: int = 0
+    classes_test_samples: int = 0  # zero-shot set ("colour shape" classes), CLIP_benchmark layout
+    classes_train_samples: int = 0  # its train split, for the linear probe
     shard_size: int = 1000
     image_size: int = 64
     seed: int = 0
@@ -66,7 +68,8 @@ class DataConfig:
     """
 
     train: str = ""
-    eval: str = ""  # held-out shards for retrieval during and after training
+    eval: str = ""  # held-out retrieval: caption shards or a CLIP_benchmark retrieval set
+    eval_zeroshot: str = ""  # a CLIP_benchmark classification set (DIR with classnames.txt, test/)
     num_samples: int = 0  # samples in `train`; 0 -> read sizes.json / *_stats.json beside shards
     resampled: bool = False  # draw shards with replacement forever (LAION-style virtual epochs)
     samples_per_epoch: int = 0  # resampled mode: samples per virtual epoch (global)
@@ -76,7 +79,7 @@ class DataConfig:
     caption_key: str = "txt"  # "txt", or "json:FIELD" (a string or a list: one is picked per step)
     image_keys: str = "jpg;jpeg;png;webp"
     eval_batch_size: int = 256
-    eval_max_samples: int = 1000
+    eval_max_samples: int = 1000  # images per evaluation set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

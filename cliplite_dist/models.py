@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import open_clip
+from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
 from torch import nn
 
@@ -38,13 +39,25 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def preprocess_config(model_cfg: dict) -> dict:
+    """The image preprocessing every run uses, in open_clip's `preprocess_cfg` terms, so training,
+    evaluation and an exported model (open_clip_config.json) all see images the same way."""
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    return {"size": size, "mode": "RGB", "mean": list(open_clip.OPENAI_DATASET_MEAN),
+            "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
 @dataclass
 class Towers:
     model: nn.Module
-    embed_dim: int
+    model_cfg: dict
     train_transform: Callable
     eval_transform: Callable
     tokenizer: Callable
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
 
 
 def build_towers(cfg: ModelConfig) -> Towers:
@@ -58,15 +71,13 @@ def build_towers(cfg: ModelConfig) -> Towers:
             setattr(model, attr, None)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    visual = model.visual
-    image_size = visual.image_size
-    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    model_cfg = open_clip.get_model_config(name)
+    preprocess = PreprocessCfg(**preprocess_config(model_cfg))
     return Towers(
         model=model,
-        embed_dim=int(open_clip.get_model_config(name)["embed_dim"]),
-        train_transform=open_clip.image_transform(image_size, is_train=True, mean=mean, std=std),
-        eval_transform=open_clip.image_transform(image_size, is_train=False, mean=mean, std=std),
+        model_cfg=model_cfg,
+        train_transform=image_transform_v2(preprocess, is_train=True),
+        eval_transform=image_transform_v2(preprocess, is_train=False),
         tokenizer=open_clip.get_tokenizer(name),
     )
 

@@ -6,6 +6,7 @@ and exit with EXIT_INTERRUPTED, so a scheduler (or the user) can rerun the same 
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -23,7 +24,8 @@ from cliplite_dist.data.shards import count_samples, expand_urls
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
 from cliplite_dist.engine import build_engine, lr_factor, set_lr
-from cliplite_dist.evaluate.retrieval import EvalSet, evaluate_retrieval, load_eval_set
+from cliplite_dist.evaluate import tasks
+from cliplite_dist.evaluate.embed import DistributedEmbedder
 from cliplite_dist.metrics import MetricLogger
 from cliplite_dist.models import build_model
 
@@ -100,6 +102,8 @@ class Trainer:
         dist.barrier()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model, towers = build_model(cfg.model, cfg.objective)
+        if env.is_main:  # the export needs the towers' architecture, whatever model.name pointed at
+            (self.run_dir / "model_cfg.json").write_text(json.dumps(towers.model_cfg, indent=1) + "\n")
         self.engine_info = build_engine(model, cfg, self.device)
         self.engine = self.engine_info.engine
         torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank randomness from here on
@@ -112,12 +116,13 @@ class Trainer:
         self.stream = ShardStream(urls, cfg.data, decoder, towers.tokenizer, env.rank,
                                   env.world_size, cfg.train.seed)
         self.loader = make_loader(self.stream, cfg.data.workers, pin_memory=self.device.type == "cuda")
-        self.eval_set: EvalSet | None = None
+        self.eval_retrieval = self.eval_zeroshot = None
         if cfg.data.eval:
-            eval_decoder = SampleDecoder(towers.eval_transform, cfg.data.caption_key,
-                                         decoder.image_keys, pick_first_caption=True)
-            self.eval_set = load_eval_set(expand_urls(cfg.data.eval), eval_decoder, towers.tokenizer,
-                                          cfg.data.eval_max_samples)
+            self.eval_retrieval = tasks.prepare_retrieval(cfg.data.eval, towers.eval_transform, towers.tokenizer,
+                                                          cfg.data.eval_max_samples)
+        if cfg.data.eval_zeroshot:
+            self.eval_zeroshot = tasks.prepare_zeroshot(cfg.data.eval_zeroshot, towers.eval_transform,
+                                                        towers.tokenizer, cfg.data.eval_max_samples)
         self.metrics = MetricLogger(self.run_dir / "tensorboard" if env.is_main else None)
         log.info("run %s: %s, %d rank(s) (%s), device %s, %s, ZeRO %d; %d samples, %d batches of %d "
                  "per rank per epoch", self.run_dir, cfg.objective.name, env.world_size, env.source,
@@ -163,14 +168,26 @@ class Trainer:
                         self.cfg.train.keep_checkpoints)
         log.info("checkpoint saved: %s", self.ckpt_root / checkpoint.tag_for(step))
 
-    def _evaluate(self, step: int) -> dict | None:
-        if self.eval_set is None:
-            return None
-        results = evaluate_retrieval(self.engine, self.eval_set, self.cfg.data.eval_batch_size,
-                                     self.device, self.engine_info.input_dtype)
+    def _evaluate(self, step: int) -> dict:
+        """Held-out retrieval and zero-shot on every rank; logged under eval/ by rank 0."""
+        embedder = DistributedEmbedder(self.engine, self.cfg.data.eval_batch_size, self.device,
+                                       self.engine_info.input_dtype)
+        results = {}
+        self.engine.eval()
+        try:
+            if self.eval_retrieval is not None:
+                results.update(tasks.retrieval(embedder, self.eval_retrieval))
+                log.info("eval step %d: held-out retrieval R@1 i2t %.3f t2i %.3f (chance %.4f; %d images, "
+                         "%d captions)", step, results["i2t_R@1"], results["t2i_R@1"],
+                         results["chance_t2i_R@1"], results["num_images"], results["num_texts"])
+            if self.eval_zeroshot is not None:
+                zeroshot = tasks.zeroshot(embedder, self.eval_zeroshot)
+                results.update({f"zeroshot_{k}": v for k, v in zeroshot.items()})
+                log.info("eval step %d: zero-shot top-1 %.3f top-5 %.3f (chance %.4f, %d classes)", step,
+                         zeroshot["top1"], zeroshot["top5"], zeroshot["chance_top1"], zeroshot["num_classes"])
+        finally:
+            self.engine.train()
         self.metrics.scalars({f"eval/{k}": v for k, v in results.items()}, step)
-        log.info("eval step %d: held-out retrieval R@1 i2t %.3f t2i %.3f (chance %.4f, %d samples)",
-                 step, results["i2t_R@1"], results["t2i_R@1"], results["chance_R@1"], results["num_samples"])
         return results
 
     def run(self) -> int:
@@ -235,9 +252,9 @@ class Trainer:
             return EXIT_INTERRUPTED
         results = self._evaluate(step)
         self.metrics.close()
-        if results is not None and self.env.is_main:
+        if "i2t_R@1" in results and self.env.is_main:
             print(f"held-out retrieval R@1 = {results['i2t_R@1']:.3f} image->text, "
-                  f"{results['t2i_R@1']:.3f} text->image (chance {results['chance_R@1']:.4f})", flush=True)
+                  f"{results['t2i_R@1']:.3f} text->image (chance {results['chance_t2i_R@1']:.4f})", flush=True)
         log.info("done at step %d; TensorBoard logs: tensorboard --logdir %s", step, self.run_dir / "tensorboard")
         return 0
 

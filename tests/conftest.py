@@ -18,10 +18,12 @@ def single_rank_group():
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
-    """A small synthetic corpus shared by the training tests: 3 train shards, 1 held-out shard."""
+    """A small synthetic corpus shared by the training tests: 3 train shards, 1 held-out shard,
+    and a zero-shot / linear-probe class set (CLIP_benchmark layout)."""
     from cliplite_dist.config import SyntheticConfig
     from cliplite_dist.data.synthetic import ensure_corpus
 
     root = tmp_path_factory.mktemp("corpus")
-    ensure_corpus(SyntheticConfig(dir=str(root), train_samples=600, eval_samples=64, shard_size=200))
+    ensure_corpus(SyntheticConfig(dir=str(root), train_samples=600, eval_samples=64, shard_size=200,
+                                  classes_test_samples=96, classes_train_samples=192))
     return root

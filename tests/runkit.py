@@ -33,6 +33,7 @@ def tiny_overrides(corpus: Path, out: Path, **kw) -> list[str]:
     values = {
         "run.output_dir": str(out), "run.name": "t",
         "data.train": str(corpus / "train"), "data.eval": str(corpus / "heldout"),
+        "data.eval_zeroshot": str(corpus / "classes"),
         "data.synthetic.train_samples": 0, "data.batch_size": 8, "data.workers": 1,
         "data.shuffle_buffer": 50, "data.eval_max_samples": 64, "data.eval_batch_size": 32,
         "train.steps": 6, "train.log_every": 2, "train.checkpoint_every": 3,

@@ -9,6 +9,12 @@ Every sample is drawn from its own RNG seeded by (seed, split, index), so a corp
 byte-identical for the same arguments, independent of shard size, and splits draw independent
 scenes. Shards follow the img2dataset layout (`key.jpg`, `key.txt`, `key.json`) with a
 `sizes.json` sidecar of per-shard counts, which the shard reader uses for epoch lengths.
+
+Evaluation sets from the same world (write_classification_set, write_multilabel_set,
+write_retrieval_set) use CLIP_benchmark's webdataset layout (`DIR/{split}/0.tar ..`,
+`nshards.txt`, `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt`)
+and draw from RNG streams no training split can name, so they never repeat a training scene's
+draws.
 """
 from __future__ import annotations
 
@@ -195,8 +201,17 @@ def render_scene(rng: np.random.Generator, image_size: int = 64) -> tuple[Image.
     where objects[0] is relative to objects[1] (or None), "position": where a lone object is (or
     None)}; x, y are the integer pixel coordinates of each object's centre.
     """
+    return _render(rng, image_size)
+
+
+def _render(rng: np.random.Generator, image_size: int,
+            pair: bool | None = None) -> tuple[Image.Image, dict]:
+    """render_scene, optionally forcing a pair (True) or a lone object (False) instead of drawing
+    the choice; with pair=None the RNG draws are exactly render_scene's."""
     first = _make_object(rng)
-    if rng.random() < PAIR_PROBABILITY:
+    if pair is None:
+        pair = rng.random() < PAIR_PROBABILITY
+    if pair:
         objects = [first, _make_object(rng, taken=(first["shape"], first["colour"]))]
         relation, position = _pick(rng, RELATIONS), None
         centres = _place_pair(rng, relation, *(SIZES[o["size"]] for o in objects))
@@ -254,11 +269,19 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict
     image, scene = render_scene(rng, image_size)
     captions = captions_for(scene, rng)
     key = f"{split}{index:09d}"
+    meta = {"captions": captions, **scene, "key": key}
+    return {"__key__": key, "jpg": _jpeg(image), "txt": captions[0].encode("utf-8"),
+            "json": _json_bytes(meta)}
+
+
+def _jpeg(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=90, subsampling=0)  # 4:4:4 keeps small shapes' colours true
-    meta = {"captions": captions, **scene, "key": key}
-    return {"__key__": key, "jpg": buf.getvalue(), "txt": captions[0].encode("utf-8"),
-            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    return buf.getvalue()
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -268,20 +291,40 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(path: pathlib.Path, indices: range, seed: int, split: str,
-                 image_size: int) -> None:
-    """Write to a temporary name, rename when complete: a final name always means a whole shard."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _tmp_name(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_tar(path: pathlib.Path, samples) -> None:
+    """Write samples ({"__key__": key, ext: bytes, ...}; members in the dict's order) to a
+    temporary name, rename when complete: a final name always means a whole shard."""
+    tmp = _tmp_name(path)
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index in indices:
-                sample = make_sample(seed, split, index, image_size)
-                for ext in ("jpg", "txt", "json"):
-                    _add_member(tar, f"{sample['__key__']}.{ext}", sample[ext])
+            for sample in samples:
+                for ext, data in sample.items():
+                    if ext != "__key__":
+                        _add_member(tar, f"{sample['__key__']}.{ext}", data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    """Replace a small text file atomically (readers may be polling it)."""
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_shard(path: pathlib.Path, indices: range, seed: int, split: str,
+                 image_size: int) -> None:
+    _write_tar(path, (make_sample(seed, split, index, image_size) for index in indices))
 
 
 def _own_shard_re(split: str) -> re.Pattern:
@@ -301,9 +344,7 @@ def _update_sizes(out_dir: pathlib.Path, split: str, counts: dict[str, int]) -> 
     own = _own_shard_re(split)
     merged = {name: n for name, n in sizes.items() if not own.fullmatch(name)}
     merged.update(counts)
-    tmp = sizes_path.with_name(f".sizes.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, sizes_path)
+    _write_text(sizes_path, json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
 
 
 def _remove_stale_shards(out_dir: pathlib.Path, split: str, written: dict[str, int]) -> None:
@@ -367,8 +408,10 @@ def _split_complete(out: pathlib.Path, split: str, num_samples: int) -> bool:
 
 def ensure_corpus(cfg) -> None:
     """Write the recipe's synthetic corpus (a `SyntheticConfig`) unless it is already complete:
-    `{dir}/train/` and `{dir}/heldout/`, so that each split is a directory of shards. Call it
-    on one rank only; the others wait at a barrier."""
+    `{dir}/train/` and `{dir}/heldout/` (each split a directory of shards) and, when
+    `classes_test_samples` > 0, `{dir}/classes/`: a zero-shot / linear-probe set in CLIP_benchmark's
+    layout (test split, plus a train split of `classes_train_samples` for the probe). Call it on
+    one rank only; the others wait at a barrier."""
     if cfg.train_samples <= 0:
         return
     for split, field in SYNTHETIC_SPLITS:
@@ -377,3 +420,153 @@ def ensure_corpus(cfg) -> None:
         if num_samples > 0 and not _split_complete(out, split, num_samples):
             write_corpus(out, num_samples, split=split, shard_size=cfg.shard_size,
                          image_size=cfg.image_size, seed=cfg.seed)
+    classes = pathlib.Path(cfg.dir) / "classes"
+    for split, num_samples in (("test", cfg.classes_test_samples), ("train", cfg.classes_train_samples)):
+        nshards = classes / split / "nshards.txt"
+        expected = str(-(-num_samples // cfg.shard_size))
+        if num_samples > 0 and not (nshards.exists() and nshards.read_text().strip() == expected):
+            write_classification_set(classes, num_samples, split=split, seed=cfg.seed,
+                                     image_size=cfg.image_size, shard_size=cfg.shard_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation sets in CLIP_benchmark's webdataset layout:
+#   DIR/classnames.txt, DIR/zeroshot_classification_templates.txt (classification kinds),
+#   DIR/dataset_type.txt ("multilabel" / "retrieval"; absent for single-label classification),
+#   DIR/{split}/nshards.txt and DIR/{split}/0.tar, 1.tar, ...
+# Every sample also carries KEY.json: the scene (objects with their pixel centres) and its label.
+# ---------------------------------------------------------------------------------------------
+
+# Class index = colour index * len(SHAPES) + shape index.
+CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+# Phrased like the training captions (size word first, so "orange" never follows a bare "a").
+ZEROSHOT_TEMPLATES: tuple[str, ...] = (
+    "one {c}.",
+    "a small {c}.",
+    "a large {c}.",
+    "a small or large {c}.",
+    "there is one {c}.",
+    "a picture of one {c}.",
+    "one {c} on a grey background.",
+)
+EVAL_KINDS: tuple[str, ...] = ("classification", "multilabel", "retrieval")
+_SHARD_NAME_RE = re.compile(r"\d+\.tar")
+
+
+def class_index(colour: str, shape: str) -> int:
+    """The classification set's label for a `colour shape` object."""
+    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
+
+
+def eval_stream(kind: str, split: str) -> str:
+    """The RNG stream name of an evaluation set's split. It contains '/', which training split
+    names ([a-z0-9_]+) cannot, so evaluation scenes are never drawn from a training stream."""
+    return f"eval/{kind}/{split}"
+
+
+def make_eval_sample(kind: str, seed: int, split: str, index: int, image_size: int = 64) -> dict:
+    """One evaluation sample: {"__key__", "jpg", <label>, "json"}, bytes values but the key.
+
+    classification: "cls" (the class index as ASCII), a lone object; multilabel: "npy" (uint8
+    multi-hot over SHAPES, numpy.save format), one or two objects; retrieval: "txt" (all the
+    scene's captions, one per line), one or two objects. "json" holds the scene and the label.
+    """
+    if kind not in EVAL_KINDS:
+        raise ValueError(f"kind must be one of {EVAL_KINDS}, got {kind!r}")
+    rng = sample_rng(seed, eval_stream(kind, split), index)
+    image, scene = _render(rng, image_size, pair=False if kind == "classification" else None)
+    key = f"{split}{index:09d}"
+    meta = {**scene, "key": key}
+    sample = {"__key__": key, "jpg": _jpeg(image)}
+    if kind == "classification":
+        (obj,) = scene["objects"]
+        meta["label"] = label = class_index(obj["colour"], obj["shape"])
+        sample["cls"] = str(label).encode("ascii")
+    elif kind == "multilabel":
+        present = {obj["shape"] for obj in scene["objects"]}
+        labels = np.array([shape in present for shape in SHAPES], dtype=np.uint8)
+        meta["labels"] = labels.tolist()
+        buf = io.BytesIO()
+        np.save(buf, labels, allow_pickle=False)
+        sample["npy"] = buf.getvalue()
+    else:
+        meta["captions"] = captions = captions_for(scene, rng)
+        sample["txt"] = "\n".join(captions).encode("utf-8")
+    sample["json"] = _json_bytes(meta)
+    return sample
+
+
+def _layout_kind(root: pathlib.Path) -> str | None:
+    """The kind of evaluation set already in `root`, from its metadata files, or None."""
+    type_path = root / "dataset_type.txt"
+    if type_path.exists():
+        return type_path.read_text(encoding="utf-8").strip().lower()
+    return "classification" if (root / "classnames.txt").exists() else None
+
+
+def _write_eval_set(kind: str, out_dir, num_samples: int, split: str, seed: int,
+                    image_size: int, shard_size: int) -> list[pathlib.Path]:
+    _validate(num_samples, split, shard_size, image_size, seed)
+    root = pathlib.Path(out_dir)
+    existing = _layout_kind(root)
+    if existing not in (None, kind):
+        others = sorted(p.parent.name for p in root.glob("*/nshards.txt") if p.parent.name != split)
+        if others:
+            raise ValueError(
+                f"{root} already holds a {existing} set (splits {others}); write the {kind} set "
+                "to its own directory")
+    split_dir = root / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+
+    labelled = kind != "retrieval"
+    meta_files = {"classnames.txt": labelled, "zeroshot_classification_templates.txt": labelled,
+                  "dataset_type.txt": kind != "classification"}
+    for name, wanted in meta_files.items():
+        if not wanted:  # left by an earlier set of another kind in this directory
+            (root / name).unlink(missing_ok=True)
+    if labelled:
+        names = CLASS_NAMES if kind == "classification" else SHAPES
+        _write_text(root / "classnames.txt", "".join(f"{n}\n" for n in names))
+        _write_text(root / "zeroshot_classification_templates.txt",
+                    "".join(f"{t}\n" for t in ZEROSHOT_TEMPLATES))
+    if kind != "classification":
+        _write_text(root / "dataset_type.txt", f"{kind}\n")
+
+    paths = []
+    for shard, start in enumerate(range(0, num_samples, shard_size)):
+        path = split_dir / f"{shard}.tar"
+        indices = range(start, min(start + shard_size, num_samples))
+        _write_tar(path, (make_eval_sample(kind, seed, split, i, image_size) for i in indices))
+        paths.append(path)
+    _write_text(split_dir / "nshards.txt", f"{len(paths)}\n")
+    written = {p.name for p in paths}
+    for path in split_dir.glob("*.tar"):  # shards of an earlier, larger run
+        if _SHARD_NAME_RE.fullmatch(path.name) and path.name not in written:
+            path.unlink()
+    return paths
+
+
+def write_classification_set(out_dir, num_samples: int, *, split: str = "test", seed: int = 0,
+                             image_size: int = 64, shard_size: int = 1000) -> list[pathlib.Path]:
+    """Single-object scenes labelled with the object's "colour shape" (CLASS_NAMES; index =
+    colour index * len(SHAPES) + shape index), size and position varying. Writes
+    `out_dir/{split}/{0,1,...}.tar` + `nshards.txt`, and (re)writes `classnames.txt` and
+    `zeroshot_classification_templates.txt`; returns the shard paths."""
+    return _write_eval_set("classification", out_dir, num_samples, split, seed, image_size,
+                           shard_size)
+
+
+def write_multilabel_set(out_dir, num_samples: int, *, split: str = "test", seed: int = 0,
+                         image_size: int = 64, shard_size: int = 1000) -> list[pathlib.Path]:
+    """One- or two-object scenes labelled with a multi-hot uint8 vector over SHAPES (KEY.npy);
+    classnames.txt lists SHAPES; dataset_type.txt is "multilabel". Returns the shard paths."""
+    return _write_eval_set("multilabel", out_dir, num_samples, split, seed, image_size,
+                           shard_size)
+
+
+def write_retrieval_set(out_dir, num_samples: int, *, split: str = "test", seed: int = 0,
+                        image_size: int = 64, shard_size: int = 1000) -> list[pathlib.Path]:
+    """Scenes drawn as the training corpus draws them; KEY.txt holds all their captions, one per
+    line; dataset_type.txt is "retrieval". Returns the shard paths."""
+    return _write_eval_set("retrieval", out_dir, num_samples, split, seed, image_size,
+                           shard_size)

@@ -1,0 +1,126 @@
+"""Export a run to an open_clip model folder, and load such a folder back with our critic.
+
+    OUT/open_clip_config.json        model_cfg + preprocess_cfg: open_clip's own format
+    OUT/open_clip_model.safetensors  the towers, open_clip's parameter names (+ logit_scale)
+    OUT/cliplite_objective.safetensors  what open_clip cannot express: CLIP-Lite's critic heads,
+                                     the learned temperature
+    OUT/cliplite_meta.json           objective config, step, source run
+
+`open_clip.create_model_and_transforms('local-dir:OUT')` (and so CLIP_benchmark's
+`--model local-dir:OUT`) loads the towers; tools built on open_clip then compare the towers'
+cosine similarity. `load(OUT)` also applies the objective, so its `encode_image`/`encode_text`
+give the similarity the model was trained with (CLIP-Lite: the critic). Weights are written and
+read as safetensors only: loading an export never unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cliplite_dist import checkpoint
+from cliplite_dist.config import Config, ObjectiveConfig, load_config
+from cliplite_dist.models import preprocess_config
+from cliplite_dist.objectives import Objective, build_objective
+
+TOWERS_PREFIX, OBJECTIVE_PREFIX = "towers.", "objective."
+META = "cliplite_meta.json"
+OBJECTIVE_WEIGHTS = "cliplite_objective.safetensors"
+
+
+def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed checkpoint, whatever its ZeRO stage and world size.
+
+    ZeRO 1-3 (and bf16) keep fp32 master weights partitioned in the optimizer files; DeepSpeed's
+    zero_to_fp32 merges them. A ZeRO-0 fp32 checkpoint holds the module's weights directly. These
+    files are the run's own checkpoint, written by this framework.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = root / tag
+    if any(folder.glob("*optim_states.pt")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{folder} holds no DeepSpeed model states")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    towers = {k[len(TOWERS_PREFIX):]: v for k, v in state.items() if k.startswith(TOWERS_PREFIX)}
+    objective = {k[len(OBJECTIVE_PREFIX):]: v for k, v in state.items() if k.startswith(OBJECTIVE_PREFIX)}
+    unknown = set(state) - {TOWERS_PREFIX + k for k in towers} - {OBJECTIVE_PREFIX + k for k in objective}
+    if unknown:
+        raise ValueError(f"unexpected parameters in the checkpoint: {sorted(unknown)[:5]}")
+    return towers, objective
+
+
+def run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml")
+    return load_config(path)
+
+
+def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
+    """Write `out` from the newest complete checkpoint of `run_dir` (or `tag`)."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = run_config(run_dir)
+    root = run_dir / "checkpoints"
+    tag = tag or checkpoint.find_latest(root)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under {root}")
+    towers, objective = _split(consolidated_state_dict(root, tag))
+    model_cfg = json.loads((run_dir / "model_cfg.json").read_text())
+    objective_module = build_objective(cfg.objective, int(model_cfg["embed_dim"]))
+    objective_module.load_state_dict(objective)
+    # open_clip's towers own a logit scale; ours lives in the objective: write it back
+    towers["logit_scale"] = objective_module.log_temp.detach().reshape(())
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(towers, str(out / "open_clip_model.safetensors"))
+    save_file(objective, str(out / OBJECTIVE_WEIGHTS))
+    (out / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(model_cfg)}, indent=1) + "\n")
+    (out / META).write_text(json.dumps(
+        {"objective": asdict(cfg.objective), "embed_dim": int(model_cfg["embed_dim"]),
+         "step": int(tag.split("_")[1]), "source_run": str(run_dir.resolve()), "checkpoint": tag,
+         "similarity": "critic heads, L2-normalised dot" if cfg.objective.name == "cliplite" else "cosine"},
+        indent=1) + "\n")
+    return out
+
+
+class ExportedModel(nn.Module):
+    """open_clip towers plus our objective: encode_* give the embeddings whose dot product is the
+    similarity the model was trained with (unit vectors)."""
+
+    def __init__(self, towers: nn.Module, objective: Objective):
+        super().__init__()
+        self.towers, self.objective = towers, objective
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.objective.embed_image(self.towers.encode_image(images))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.objective.embed_text(self.towers.encode_text(tokens))
+
+
+def load(path: str | Path):
+    """(model, preprocess, tokenizer) of an exported folder; model.encode_image/encode_text."""
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a cliplite_dist export: no {META}")
+    meta = json.loads(meta_file.read_text())
+    towers, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    objective = build_objective(ObjectiveConfig(**meta["objective"]), meta["embed_dim"])
+    objective.load_state_dict(load_file(str(path / OBJECTIVE_WEIGHTS)))
+    model = ExportedModel(towers, objective).eval()
+    return model, preprocess, tokenizer
