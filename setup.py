@@ -29,7 +29,7 @@ setup(
         "numpy",
         "safetensors",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "matplotlib"]},
     entry_points={
         "console_scripts": [
             "cliplite-train=cliplite_dist.cli:train_main",

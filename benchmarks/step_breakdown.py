@@ -12,88 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import socket
-import statistics
-import time
-from pathlib import Path
 
-import torch
-
-from cliplite_dist.config import Config, ObjectiveConfig
+from cliplite_dist.config import Config
 from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
-from cliplite_dist.engine import build_engine
-from cliplite_dist.models import build_model
-from cliplite_dist.objectives import build_objective
-
-RESULTS = Path(__file__).parent / "results" / "step_breakdown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict:
-    """What the numbers were measured on; written beside them."""
-    import deepspeed
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"host": socket.gethostname(), "cpu": cpu_model(),
-            "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "threads": torch.get_num_threads()}
-
-
-def timed(fn, repeats: int, warmup: int = 3) -> float:
-    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def loss_time(name: str, batch: int, dim: int, device, repeats: int) -> float:
-    objective = build_objective(ObjectiveConfig(name=name), dim).to(device)
-    img = torch.randn(batch, dim, device=device, requires_grad=True)
-    txt = torch.randn(batch, dim, device=device, requires_grad=True)
-
-    def step():
-        objective(img, txt).loss.backward()
-
-    return timed(step, repeats)
-
-
-def step_rate(name: str, model_name: str, batch: int, device, repeats: int) -> tuple[float, int]:
-    """(samples/s of whole DeepSpeed steps, the towers' embedding width)."""
-    cfg = Config()
-    cfg.model.name, cfg.objective.name, cfg.data.batch_size = model_name, name, batch
-    model, towers = build_model(cfg.model, cfg.objective)
-    info = build_engine(model, cfg, device)
-    size = towers.model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    images = torch.randn(batch, 3, size, size, device=device, dtype=info.input_dtype)
-    tokens = towers.tokenizer(["a large red circle left of a small blue square"] * batch).to(device)
-
-    def step():
-        out = info.engine(images, tokens)
-        info.engine.backward(out.loss)
-        info.engine.step()
-
-    return batch / timed(step, repeats), towers.embed_dim
+from common import engine_step_rate, loss_seconds, markdown_table, results_folder, write_results
 
 
 def main() -> None:
@@ -109,21 +31,19 @@ def main() -> None:
     init_distributed(env, device)
     rows = []
     for name in ("cliplite", "infonce"):
-        rate, dim = step_rate(name, args.model, args.batch, device, args.repeats)
+        cfg = Config()
+        cfg.model.name, cfg.objective.name, cfg.data.batch_size = args.model, name, args.batch
+        rate, dim, _ = engine_step_rate(cfg, device, args.repeats)
         rows.append({
             "objective": name, "model": args.model, "batch": args.batch, "step_samples_per_s": rate,
-            "loss_fwd_bwd_ms": 1000 * loss_time(name, args.batch, dim, device, args.repeats * 5),
+            "loss_fwd_bwd_ms": 1000 * loss_seconds(cfg.objective, args.batch, dim, device, args.repeats * 5),
         })
         print(json.dumps(rows[-1]))
-    out = RESULTS / (args.machine_name or machine()["host"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
-    lines = ["| objective | model | batch | loss fwd+bwd (ms) | full step (samples/s) |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['objective']} | {r['model']} | {r['batch']} | {r['loss_fwd_bwd_ms']:.3f} | "
-              f"{r['step_samples_per_s']:.1f} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown_table(["objective", "model", "batch", "loss fwd+bwd (ms)", "full step (samples/s)"],
+                           [[r["objective"], r["model"], r["batch"], f"{r['loss_fwd_bwd_ms']:.3f}",
+                             f"{r['step_samples_per_s']:.1f}"] for r in rows])
+    write_results(results_folder("step_breakdown", args.machine_name), rows, table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from step_breakdown import machine
+from common import REPO, markdown_table, results_folder, write_results
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results" / "tiny_cpu"
 
 
 def run_objective(name: str, out: Path) -> dict:
@@ -40,10 +38,12 @@ def run_objective(name: str, out: Path) -> dict:
     evaluation = json.loads((out / name / "eval.json").read_text())
     metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "train/samples_per_s" in m]
+    flat = {f"{section}/{k}": v for section in ("retrieval", "zeroshot", "linear_probe")
+            for k, v in evaluation[section].items() if isinstance(v, (int, float, str))}
     return {"objective": name, "wall_s": wall,
             "samples_per_s_median": statistics.median(m["train/samples_per_s"] for m in train[1:]),
             "data_wait_frac_median": statistics.median(m["train/data_wait_frac"] for m in train[1:]),
-            "final_loss": train[-1]["train/loss"], "steps": train[-1]["step"], "eval": evaluation}
+            "final_loss": train[-1]["train/loss"], "steps": train[-1]["step"], **flat}
 
 
 def main() -> None:
@@ -55,20 +55,17 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rows = [run_objective(name, out) for name in ("cliplite", "infonce")]
-    folder = RESULTS / (args.machine_name or machine()["host"])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
-    lines = ["| objective | wall (s, incl. first-run synth for cliplite) | samples/s (median) | data wait | "
-             "final loss | held-out R@1 i2t / t2i (chance t2i) | R@5 i2t | zero-shot top-1 / top-5 (chance) | "
-             "linear probe top-1 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        ret, zs, probe = r["eval"]["retrieval"], r["eval"]["zeroshot"], r["eval"]["linear_probe"]
-        lines.append(f"| {r['objective']} | {r['wall_s']:.0f} | {r['samples_per_s_median']:.0f} | "
-                     f"{100 * r['data_wait_frac_median']:.1f}% | {r['final_loss']:.3f} | {ret['i2t_R@1']:.3f} / "
-                     f"{ret['t2i_R@1']:.3f} ({ret['chance_t2i_R@1']:.4f}) | {ret['i2t_R@5']:.3f} | "
-                     f"{zs['top1']:.3f} / {zs['top5']:.3f} ({zs['chance_top1']:.3f}) | {probe['value']:.3f} |")
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown_table(
+        ["objective", "wall (s, incl. first-run synth for cliplite)", "samples/s (median)", "data wait", "final loss",
+         "held-out R@1 i2t / t2i (chance t2i)", "R@5 i2t", "zero-shot top-1 / top-5 (chance)", "linear probe top-1"],
+        [[r["objective"], f"{r['wall_s']:.0f}", f"{r['samples_per_s_median']:.0f}",
+          f"{100 * r['data_wait_frac_median']:.1f}%", f"{r['final_loss']:.3f}",
+          f"{r['retrieval/i2t_R@1']:.3f} / {r['retrieval/t2i_R@1']:.3f} ({r['retrieval/chance_t2i_R@1']:.4f})",
+          f"{r['retrieval/i2t_R@5']:.3f}",
+          f"{r['zeroshot/top1']:.3f} / {r['zeroshot/top5']:.3f} ({r['zeroshot/chance_top1']:.3f})",
+          f"{r['linear_probe/value']:.3f}"] for r in rows])
+    write_results(results_folder("tiny_cpu", args.machine_name), rows, table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ class Trainer:
         dist.barrier()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model, towers = build_model(cfg.model, cfg.objective)
+        self.towers = towers  # tokenizer, transforms and architecture, for evaluations after training
         if env.is_main:  # the export needs the towers' architecture, whatever model.name pointed at
             (self.run_dir / "model_cfg.json").write_text(json.dumps(towers.model_cfg, indent=1) + "\n")
         self.engine_info = build_engine(model, cfg, self.device)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import tempfile
 
 import pytest
@@ -27,3 +28,19 @@ def tiny_corpus(tmp_path_factory):
     ensure_corpus(SyntheticConfig(dir=str(root), train_samples=600, eval_samples=64, shard_size=200,
                                   classes_test_samples=96, classes_train_samples=192))
     return root
+
+
+def _cluster_up() -> bool:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(state.startswith(("idle", "mix", "alloc")) for state in out.split())
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if not _cluster_up():
+        if os.environ.get("CI"):
+            pytest.fail("no SLURM cluster: .ci/run must start slurm/local-cluster.sh")
+        pytest.skip("no SLURM cluster here (start one with: sudo slurm/local-cluster.sh start)")

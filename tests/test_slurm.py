@@ -8,25 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from runkit import RECIPE, clean_env, metric_steps, run, tiny_overrides
-
-
-def _cluster_up() -> bool:
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return any(state.startswith(("idle", "mix", "alloc")) for state in out.split())
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    if not _cluster_up():
-        if os.environ.get("CI"):
-            pytest.fail("no SLURM cluster: .ci/run must start slurm/local-cluster.sh")
-        pytest.skip("no SLURM cluster here (start one with: sudo slurm/local-cluster.sh start)")
 
 
 def script(name: str) -> str:

@@ -3,7 +3,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from runkit import RECIPE, clean_env, metric_steps, run, tiny_overrides, train_command

@@ -1,0 +1,307 @@
+"""What every benchmark shares: the machine description, timing, result files, and running a
+grid of cells here or as a SLURM job array.
+
+A benchmark is a list of *cells* (plain dicts: one configuration to measure) and a function
+that measures one cell and returns a row (a flat dict). `run_cells` runs them one after the
+other in this process, in worker processes of the cells' world size (`torchrun` for W > 1),
+or as a SLURM job array through our launcher's executor, and returns the rows in cell order.
+`write_results` puts rows, a markdown table and the machine description in
+`benchmarks/results/<benchmark>/<machine>/`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(world_size: int = 1) -> dict:
+    """What the numbers were measured on; written beside them."""
+    import deepspeed
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu,
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "threads": torch.get_num_threads(),
+            "world_size": world_size, "date": time.strftime("%Y-%m-%d"),
+            "load_avg_1min": os.getloadavg()[0]}  # > cores means something else competed for the CPU
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of the code inside `with`: CUDA's allocator peak on a GPU; on CPU the peak
+    resident set size above the process's size at entry, sampled every 2 ms by a thread (torch's
+    CPU allocator keeps no statistics). `.peak_mb` after the block."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak_mb = 0.0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = self._peak = _rss_bytes()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.002):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+            return
+        self._done.set()
+        self._thread.join()
+        self.peak_mb = (max(self._peak, _rss_bytes()) - self._base) / 2**20
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless, on clusters
+    too); imported on demand so that workers and tests of the measuring code never load it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a reduced grid that runs in a few minutes here")
+    parser.add_argument("--machine-name", default=None, help="results folder name (default: the host name)")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where results/<benchmark>/<machine>/ goes")
+    slurm = parser.add_argument_group("SLURM (run the cells as a job array through our launcher)")
+    slurm.add_argument("--slurm", action="store_true")
+    slurm.add_argument("--partition", default="")
+    slurm.add_argument("--account", default="")
+    slurm.add_argument("--qos", default="")
+    slurm.add_argument("--time", default="60", help="per array task")
+    slurm.add_argument("--gpus-per-node", type=int, default=0)
+    slurm.add_argument("--cpus-per-task", type=int, default=0)
+    slurm.add_argument("--constraint", default="")
+
+
+def results_folder(benchmark: str, machine_name: str | None, results_dir: str | Path = RESULTS) -> Path:
+    folder = Path(results_dir) / benchmark / (machine_name or socket.gethostname())
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_results(folder: Path, rows: list[dict], markdown: str, world_size: int = 1, **extra) -> None:
+    """results.json (machine + rows + extra), results.csv (the rows) and results.md."""
+    (folder / "results.json").write_text(
+        json.dumps({"machine": machine(world_size), **extra, "rows": rows}, indent=1) + "\n")
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(folder / "results.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "results.md").write_text(markdown.rstrip() + "\n")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def loss_seconds(objective_cfg, batch: int, dim: int, device, repeats: int) -> float:
+    """Median forward+backward of an objective alone on random tower-sized embeddings. With a
+    process group of several ranks every rank must call it (cross_rank and InfoNCE communicate)."""
+    from cliplite_dist.objectives import build_objective
+
+    objective = build_objective(objective_cfg, dim).to(device)
+    image = torch.randn(batch, dim, device=device, requires_grad=True)
+    text = torch.randn(batch, dim, device=device, requires_grad=True)
+    return timed(lambda: objective(image, text).loss.backward(), repeats)
+
+
+def engine_step_rate(cfg, device, repeats: int) -> tuple[float, int, int]:
+    """(samples/s per rank of whole DeepSpeed steps: towers + objective + optimizer, on in-memory
+    inputs so no data loading is timed; the towers' embedding width; the parameter count).
+    `cfg` is a cliplite_dist Config; the process group must exist."""
+    from cliplite_dist.engine import build_engine
+    from cliplite_dist.models import build_model
+
+    model, towers = build_model(cfg.model, cfg.objective)
+    info = build_engine(model, cfg, device)
+    size = towers.model_cfg["vision_cfg"].get("image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    batch = cfg.data.batch_size
+    images = torch.randn(batch, 3, size, size, device=device, dtype=info.input_dtype)
+    tokens = towers.tokenizer(["a large red circle left of a small blue square"] * batch).to(device)
+
+    def step() -> None:
+        out = info.engine(images, tokens)
+        info.engine.backward(out.loss)
+        info.engine.step()
+
+    seconds = timed(step, repeats)
+    params = sum(p.numel() for p in model.parameters())
+    return batch / seconds, towers.embed_dim, params
+
+
+# ---- running cells -------------------------------------------------------------------------------
+def _worker_command(script: Path, world_size: int, cells_file: Path, rows_file: Path) -> list[str]:
+    if world_size == 1:
+        return [sys.executable, str(script), "--worker", str(cells_file), str(rows_file)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+            str(script), "--worker", str(cells_file), str(rows_file)]
+
+
+def run_cells_local(script: Path, cells: list[dict]) -> list[dict]:
+    """Each group of cells with the same `world_size` in one worker process (group), so process
+    start-up and the process group are paid once per group, not per cell. If a worker fails, its
+    rows measured so far stay on disk and the error names them."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2:
+        print(f"warning: load average {load:.1f} on {cores} cores: other work will skew the timings", flush=True)
+    rows: list[dict | None] = [None] * len(cells)
+    tmp = Path(tempfile.mkdtemp(prefix="cliplite-bench-"))
+    for size in sorted({cell.get("world_size", 1) for cell in cells}):
+        index = [i for i, cell in enumerate(cells) if cell.get("world_size", 1) == size]
+        cells_file, rows_file = tmp / f"cells-{size}.json", tmp / f"rows-{size}.json"
+        cells_file.write_text(json.dumps([cells[i] for i in index]))
+        if subprocess.run(_worker_command(script, size, cells_file, rows_file), cwd=REPO).returncode != 0:
+            raise RuntimeError(f"a {size}-rank worker of {script.name} failed; the cells it was given are in "
+                               f"{cells_file}, the rows it measured in {rows_file}")
+        for i, row in zip(index, json.loads(rows_file.read_text())):
+            rows[i] = row
+    shutil.rmtree(tmp)
+    return rows  # type: ignore[return-value]
+
+
+def worker_main(measure: Callable[[dict], dict | None], cells_file: str, rows_file: str) -> None:
+    """Inside a worker: measure every cell; rank 0 (the only rank that returns rows) writes them
+    after each cell, so a crash keeps what was measured."""
+    rows = []
+    for n, cell in enumerate(json.loads(Path(cells_file).read_text()), 1):
+        row = measure(cell)
+        if row is not None:
+            rows.append(row)
+            Path(rows_file).write_text(json.dumps(rows))
+            print(f"[{n}] {json.dumps(row)}", flush=True)
+
+
+def entry_point(main: Callable[[], None], measure: Callable[[dict], dict | None]) -> None:
+    """A benchmark script's `__main__`: a worker started by `run_cells_local` (`--worker CELLS ROWS`)
+    or the benchmark itself."""
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker_main(measure, sys.argv[2], sys.argv[3])
+    else:
+        main()
+
+
+class _ArrayTask:
+    """One SLURM array task: measure one cell in a process of its own (module-level, picklable)."""
+
+    def __init__(self, script: Path):
+        self.script = script
+
+    def __call__(self, cell: dict) -> dict | None:
+        sys.path.insert(0, str(self.script.parent))
+        module = __import__(self.script.stem)
+        return module.measure(cell)
+
+
+def run_cells_slurm(script: Path, cells: list[dict], args: argparse.Namespace, benchmark: str) -> list[dict]:
+    """The cells as SLURM job arrays (one array per world size, one array task per cell, each with
+    the cell's number of ranks) through our launcher's executor; waits for every task and
+    returns rank 0's rows."""
+    from cliplite_dist.config import Config
+    from cliplite_dist.launch.submit import SlurmOptions, make_executor
+
+    sizes = {cell.get("world_size", 1) for cell in cells}
+    rows: list[dict | None] = [None] * len(cells)
+    for size in sorted(sizes):
+        index = [i for i, cell in enumerate(cells) if cell.get("world_size", 1) == size]
+        cfg = Config()
+        cfg.run.output_dir, cfg.run.name = str(Path(args.results_dir) / benchmark / "slurm-jobs"), f"bench-{benchmark}"
+        gpus = args.gpus_per_node  # on GPUs a cell of W ranks spans W / gpus-per-node nodes
+        nodes = -(-size // gpus) if gpus else 1
+        opts = SlurmOptions(nodes=nodes, tasks_per_node=0 if gpus else size, gpus_per_node=min(gpus, size),
+                            partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+                            cpus_per_task=args.cpus_per_task, constraint=args.constraint, max_requeues=0,
+                            job_name=f"bench-{benchmark}")
+        executor = make_executor(opts, cfg, local=False)
+        executor.update_parameters(setup=[f"export PYTHONPATH={BENCH_DIR}:{REPO}:${{PYTHONPATH:-}}"])
+        jobs = executor.map_array(_ArrayTask(BENCH_DIR / script.name), [cells[i] for i in index])
+        print(f"submitted {len(jobs)} array tasks ({size} rank(s) each): job {jobs[0].job_id.split('_')[0]}; "
+              f"logs in {executor.folder}", flush=True)
+        for i, job in zip(index, jobs):
+            rows[i] = job.results()[0]  # rank 0's row
+    return rows  # type: ignore[return-value]
+
+
+def run_cells(script: str, cells: list[dict], args: argparse.Namespace, benchmark: str) -> list[dict]:
+    path = Path(script).resolve()
+    if args.slurm:
+        return run_cells_slurm(path, cells, args, benchmark)
+    return run_cells_local(path, cells)

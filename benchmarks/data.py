@@ -1,0 +1,325 @@
+"""Data pipeline samples/s per worker against its ceilings, for PIL and torchvision.io decoding.
+
+A data-loader worker is one process running one intra-op thread (`pipeline._worker_init`), so
+every cell runs in a single process at one thread, without DataLoader workers: samples/s here is
+per worker. Rates are given per CPU-second of that process (a worker with a core to itself; other
+jobs on a shared machine do not skew them) and per wall second, with the CPU share between them.
+Stages, measured on the same shards:
+
+  read            raw tar read (`iterate_samples`): I/O + tar parsing, the ceiling of them all
+  tokenise        captions -> tokens alone, in batches
+  decode          JPEG bytes held in memory -> RGB image: PIL vs torchvision.io.decode_image
+  decode+augment  + the train transform: open_clip's on PIL images (what the pipeline uses) vs
+                  the same random crop and normalisation in transforms.v2 on uint8 tensors
+  pipeline        ShardStream batches as the trainer builds them (read, shuffle buffer, decode,
+                  augment, caption pick, tokenise); the torchvision.io row swaps its decoder into
+                  SampleDecoder. Reported as % of the same decoder's decode-only ceiling.
+
+Shards hold synthetic caption scenes, written once into --cache-dir and reused: 64 px for
+tiny-vit (the tiny-cpu recipe) and 256 px for ViT-B-32 (stored larger than its 224 px crop, as
+web corpora are), because decode cost grows with pixels.
+
+    python benchmarks/data.py --machine-name NAME           # 2000 samples per size, 5 passes
+    python benchmarks/data.py --quick --machine-name NAME   # 500 samples per size, 3 passes
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import itertools
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
+from cliplite_dist.data.pipeline import BadSampleCounter, SampleDecoder, ShardStream, iterate_samples
+from cliplite_dist.data.synthetic import ensure_corpus
+from cliplite_dist.models import Towers, build_towers
+from common import (add_common_args, entry_point, markdown_table, pyplot, results_folder, run_cells, save_figure,
+                    write_results)
+
+MODELS = {"tiny-vit": 64, "ViT-B-32": 256}  # model -> side of the stored JPEGs (px)
+SHARD_SIZE, FULL_SHARDS, QUICK_SHARDS = 500, 4, 1
+FULL_REPEATS, QUICK_REPEATS = 5, 3
+BATCH_SIZE, SHUFFLE_BUFFER = 64, 1000  # the tiny-cpu recipe's loader
+CAPTION_KEY = "json:captions"
+IMAGE_KEYS = tuple(DataConfig().image_keys.split(";"))
+DECODERS = ("PIL", "torchvision.io")
+DECODER_STAGES = ("decode", "decode+augment", "pipeline")
+STAGE_LABELS = {"read": "raw tar read", "tokenise": "tokenise", "decode": "decode",
+                "decode+augment": "decode + augment", "pipeline": "full pipeline"}
+# open_clip train-transform steps that only change the container (PIL -> tensor), not the pixels.
+FORMAT_ONLY = frozenset({"MaybeConvertMode", "MaybeToTensor", "ToTensor"})
+
+
+# ---- shards ------------------------------------------------------------------------------------
+def ensure_shards(cache: Path, image_px: int, num_shards: int) -> list[str]:
+    """The first `num_shards` shards of `image_px` scenes. The full set is always written (once,
+    then reused) so quick and full runs share one cache; 256 px scenes take longer to render than
+    to measure."""
+    root = cache / f"{image_px}px-{SHARD_SIZE}"
+    ensure_corpus(SyntheticConfig(dir=str(root), train_samples=FULL_SHARDS * SHARD_SIZE,
+                                  shard_size=SHARD_SIZE, image_size=image_px))
+    return [str(path) for path in sorted((root / "train").glob("train-*.tar"))[:num_shards]]
+
+
+# ---- the two decoders and their train transforms -----------------------------------------------
+def decode_pil(data: bytes) -> Image.Image:
+    """SampleDecoder's decode: `convert` forces PIL's lazy decode, so the pixels are really there."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def decode_tensor(data: bytes) -> torch.Tensor:
+    """uint8 CHW via libjpeg-turbo (or libpng ...). bytearray: `torch.frombuffer` warns on
+    read-only bytes, and copying a compressed image costs microseconds."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+DECODE: dict[str, Callable] = {"PIL": decode_pil, "torchvision.io": decode_tensor}
+
+
+def tensor_train_transform(pil_transform: T.Compose) -> v2.Compose:
+    """open_clip's train transform (random resized crop, to float, normalise) rebuilt in
+    transforms.v2 for uint8 tensors. Any step it cannot mirror is refused, so the two decoders are
+    always compared on the same augmentation."""
+    crop = norm = None
+    for step in pil_transform.transforms:
+        if isinstance(step, T.RandomResizedCrop):
+            crop = step
+        elif isinstance(step, T.Normalize):
+            norm = step
+        elif type(step).__name__ not in FORMAT_ONLY:
+            raise ValueError(f"no uint8-tensor equivalent for train-transform step {step!r}")
+    if crop is None or norm is None:
+        raise ValueError(f"expected a RandomResizedCrop and a Normalize in {pil_transform!r}")
+    return v2.Compose([
+        v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio,
+                             interpolation=crop.interpolation, antialias=crop.antialias),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(norm.mean, norm.std),
+    ])
+
+
+class TensorSampleDecoder(SampleDecoder):
+    """SampleDecoder with torchvision.io decoding; caption handling (and the stream around it)
+    stays the pipeline's own, so only the image path differs between the two pipeline rows."""
+
+    def image(self, sample: dict) -> torch.Tensor:
+        for key in self.image_keys:
+            if key in sample:
+                return self.transform(decode_tensor(sample[key]))
+        raise KeyError(f"no image under any of {self.image_keys}")
+
+
+def make_decoder(decoder: str, pil_transform: T.Compose) -> SampleDecoder:
+    if decoder == "PIL":
+        return SampleDecoder(pil_transform, CAPTION_KEY, IMAGE_KEYS)
+    return TensorSampleDecoder(tensor_train_transform(pil_transform), CAPTION_KEY, IMAGE_KEYS)
+
+
+def make_stream(urls: list[str], decoder: SampleDecoder, tokenizer: Callable,
+                batch_size: int = BATCH_SIZE) -> ShardStream:
+    """One rank's stream as the trainer builds it (rank 0 of 1; run in-process it is one slot)."""
+    cfg = DataConfig(batch_size=batch_size, shuffle_buffer=SHUFFLE_BUFFER, caption_key=CAPTION_KEY)
+    return ShardStream(urls, cfg, decoder, tokenizer, rank=0, world_size=1, seed=0)
+
+
+# ---- stages: each returns how many samples it processed -----------------------------------------
+def _count(items: Iterable) -> int:
+    return sum(1 for _ in items)
+
+
+def read_stage(urls: Iterable[str]) -> int:
+    return _count(iterate_samples(urls, BadSampleCounter()))
+
+
+def decode_stage(images: list[bytes], decode: Callable) -> int:
+    return _count(decode(data) for data in images)
+
+
+def augment_stage(images: list[bytes], decode: Callable, transform: Callable) -> int:
+    return _count(transform(decode(data)) for data in images)
+
+
+def tokenise_stage(captions: list[str], tokenizer: Callable, batch_size: int = BATCH_SIZE) -> int:
+    return sum(len(tokenizer(captions[i:i + batch_size])) for i in range(0, len(captions), batch_size))
+
+
+def pipeline_stage(batches: Iterator[tuple], count: int) -> int:
+    """Images in the next `count` batches of a running stream: the steady state of a worker, one
+    read per decoded sample (filling the shuffle buffer happens once per epoch, not per pass)."""
+    return sum(len(images) for images, _, _ in itertools.islice(batches, count))
+
+
+# ---- one cell ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def load_shards(urls: tuple[str, ...]) -> tuple[list[bytes], list[str]]:
+    """Images and captions held in memory, so decode, augment and tokenise time no reading."""
+    images, captions = [], []
+    for sample in iterate_samples(urls, BadSampleCounter()):
+        images.append(sample["jpg"])
+        captions.append(sample["txt"].decode("utf-8"))
+    return images, captions
+
+
+@functools.lru_cache(maxsize=1)
+def towers(model: str) -> Towers:
+    """Built once per model (cells come grouped by model); only transforms and tokenizer are used."""
+    return build_towers(ModelConfig(name=model))
+
+
+def stage_runner(cell: dict) -> Callable[[], int]:
+    urls = tuple(cell["urls"])
+    images, captions = load_shards(urls)
+    tower = towers(cell["model"])
+    stage, decoder = cell["stage"], cell["decoder"]
+    if stage == "read":
+        return lambda: read_stage(urls)
+    if stage == "tokenise":
+        return lambda: tokenise_stage(captions, tower.tokenizer)
+    if stage == "decode":
+        return lambda: decode_stage(images, DECODE[decoder])
+    if stage == "decode+augment":
+        pil = tower.train_transform
+        transform = pil if decoder == "PIL" else tensor_train_transform(pil)
+        return lambda: augment_stage(images, DECODE[decoder], transform)
+    stream = make_stream(list(urls), make_decoder(decoder, tower.train_transform), tower.tokenizer)
+    batches = iter(stream)
+    return lambda: pipeline_stage(batches, len(images) // BATCH_SIZE)
+
+
+def timed_passes(run: Callable[[], int], repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of `repeats` passes. Other jobs on a shared machine stretch
+    wall time but hardly this process's CPU time, so per-CPU-second rates stay comparable across
+    cells, and CPU / wall tells how contended a cell was (1.0: it had a core to itself)."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def measure(cell: dict) -> dict:
+    """Rates over whole passes; the first pass warms caches (page cache, lazy imports) and counts
+    the samples."""
+    torch.set_num_threads(1)  # what pipeline._worker_init gives every loader worker
+    run = stage_runner(cell)
+    samples = run()
+    wall, cpu = timed_passes(run, cell["repeats"])
+    return {"model": cell["model"], "image_px": cell["image_px"], "stage": cell["stage"],
+            "decoder": cell["decoder"], "samples": samples, "repeats": cell["repeats"],
+            "samples_per_cpu_s": round(samples / cpu, 1), "samples_per_s": round(samples / wall, 1),
+            "cpu_share": round(cpu / wall, 2)}
+
+
+# ---- the grid and the report -------------------------------------------------------------------
+def build_cells(args: argparse.Namespace) -> list[dict]:
+    cells = []
+    for model, image_px in MODELS.items():
+        num_shards = QUICK_SHARDS if args.quick else FULL_SHARDS
+        urls = ensure_shards(Path(args.cache_dir), image_px, num_shards)
+        base = {"model": model, "image_px": image_px, "urls": urls,
+                "repeats": QUICK_REPEATS if args.quick else FULL_REPEATS}
+        cells += [{**base, "stage": stage, "decoder": "-"} for stage in ("read", "tokenise")]
+        cells += [{**base, "stage": stage, "decoder": decoder}
+                  for stage in DECODER_STAGES for decoder in DECODERS]
+    return cells
+
+
+def add_ceiling(rows: list[dict]) -> list[dict]:
+    """Each pipeline row's rate as % of its decoder's decode-only ceiling on the same model, and
+    of decode+augment (the rest of the gap is reading, tokenising and batching), per CPU-second,
+    which contention from other jobs does not skew."""
+    rate = {(r["model"], r["stage"], r["decoder"]): r["samples_per_cpu_s"] for r in rows}
+
+    def pct(row: dict, stage: str) -> float:
+        return round(100 * row["samples_per_cpu_s"] / rate[row["model"], stage, row["decoder"]], 1)
+
+    return [{**r, "pct_of_decode": pct(r, "decode"), "pct_of_augment": pct(r, "decode+augment")}
+            if r["stage"] == "pipeline" else r for r in rows]
+
+
+def speedups(rows: list[dict]) -> list[list]:
+    """torchvision.io ÷ PIL samples per CPU-second, per model and decoder-dependent stage."""
+    rate = {(r["model"], r["stage"], r["decoder"]): r["samples_per_cpu_s"] for r in rows}
+    return [[model, STAGE_LABELS[stage],
+             f"{rate[model, stage, 'torchvision.io'] / rate[model, stage, 'PIL']:.2f}x"]
+            for model in MODELS for stage in DECODER_STAGES]
+
+
+def _table_row(row: dict) -> list:
+    pcts = ([f"{row['pct_of_decode']:.0f}%", f"{row['pct_of_augment']:.0f}%"]
+            if "pct_of_decode" in row else ["", ""])
+    return [row["model"], row["image_px"], STAGE_LABELS[row["stage"]], row["decoder"],
+            f"{row['samples_per_cpu_s']:.0f}", f"{row['samples_per_s']:.0f}", f"{row['cpu_share']:.2f}", *pcts]
+
+
+def render_markdown(rows: list[dict]) -> str:
+    first = rows[0]
+    intro = (f"One process, one torch thread (= one loader worker); medians of {first['repeats']} "
+             f"passes over {first['samples']} samples (pipeline: whole batches of {BATCH_SIZE}, "
+             f"shuffle buffer {SHUFFLE_BUFFER}). samples/CPU-s is a worker's rate with a core to "
+             "itself; wall samples/s is what this run saw, CPU share = CPU / wall (below 1: other "
+             "jobs took the core). Full pipeline as % of decode only and of decode + augment, same "
+             "decoder, per CPU-s.")
+    table = markdown_table(
+        ["model", "image px", "stage", "decoder", "samples/CPU-s", "wall samples/s", "CPU share",
+         "% of decode", "% of decode + augment"], [_table_row(r) for r in rows])
+    ratio = markdown_table(["model", "stage", "torchvision.io ÷ PIL"], speedups(rows))
+    return f"{intro}\n\n{table}\n\n{ratio}\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Horizontal bars per model, log scale: the stages span more than an order of magnitude."""
+    plt = pyplot()
+
+    colours = {"PIL": "tab:blue", "torchvision.io": "tab:orange", "-": "tab:grey"}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        bars = ax.barh(range(len(mine)), [r["samples_per_cpu_s"] for r in mine],
+                       color=[colours[r["decoder"]] for r in mine])
+        ax.bar_label(bars, labels=[f"{r['samples_per_cpu_s']:.0f}" for r in mine], padding=2, fontsize=7)
+        labels = [STAGE_LABELS[r["stage"]] + ("" if r["decoder"] == "-" else f" · {r['decoder']}") for r in mine]
+        ax.set_yticks(range(len(mine)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        # a fixed base keeps bar lengths comparable between panels; headroom for the labels
+        ax.set_xlim(10, 3 * max(r["samples_per_cpu_s"] for r in mine))
+        ax.set_xlabel("samples per CPU-second, one worker (log scale)")
+        ax.set_title(f"{model} ({mine[0]['image_px']} px JPEGs)")
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--cache-dir", default="/tmp/cliplite-bench-data",
+                        help="where the benchmark shards are written once and reused "
+                             "(a shared filesystem with --slurm)")
+    args = parser.parse_args()
+    rows = add_ceiling(run_cells(__file__, build_cells(args), args, "data"))
+    markdown = render_markdown(rows)
+    folder = results_folder("data", args.machine_name, args.results_dir)
+    write_results(folder, rows, markdown, torch_threads_per_worker=1, batch_size=BATCH_SIZE,
+                  shuffle_buffer=SHUFFLE_BUFFER, quick=args.quick)
+    plot(rows, folder / "results.png")
+    print(markdown)
+    print(f"written to {folder}")
+
+
+if __name__ == "__main__":
+    entry_point(main, measure)
