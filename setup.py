@@ -21,6 +21,7 @@ setup(
         "deepspeed>=0.16",
         "webdataset>=1.0",
         "fsspec",
+        "aiohttp",  # fsspec's http(s):// shards
         "braceexpand",
         "tensorboard",
         "submitit>=1.5",

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from cliplite_dist.data.shards import uses_pipe
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot describe a valid run; the message names key and value."""
@@ -78,6 +80,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     caption_key: str = "txt"  # "txt", or "json:FIELD" (a string or a list: one is picked per step)
     image_keys: str = "jpg;jpeg;png;webp"
+    allow_pipe: bool = False  # pipe:COMMAND shard URLs run shell commands: only when the recipe says so
     eval_batch_size: int = 256
     eval_max_samples: int = 1000  # images per evaluation set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -282,6 +285,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give shard URLs, e.g. data.train='/data/cc3m/{00000..00331}.tar'")
+    for key in ("data.train", "data.eval", "data.eval_zeroshot"):
+        if uses_pipe(_get(cfg, key)) and not cfg.data.allow_pipe:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is a pipe: URL, which runs a shell command on every "
+                              f"rank; set data.allow_pipe=true in the recipe if that is what you want")
     if cfg.data.resampled and cfg.data.samples_per_epoch == 0 and cfg.data.num_samples == 0:
         raise ConfigError("data.resampled=true needs data.samples_per_epoch (samples per virtual epoch)")
     if not cfg.data.caption_key == "txt" and not cfg.data.caption_key.startswith("json:"):

@@ -41,7 +41,7 @@ class MetricLogger:
         return " | ".join(f"{k} {_fmt(v)}" for k, v in values.items())
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
+        if self.writer is None or not values:  # e.g. a run without evaluation sets
             return
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)

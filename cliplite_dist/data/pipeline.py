@@ -17,14 +17,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import fsspec
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cliplite_dist.config import DataConfig
-from cliplite_dist.data.shards import SlotShare, share_for_slot
+from cliplite_dist.data.shards import SlotShare, open_shard, share_for_slot
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +90,20 @@ class SampleDecoder:
 
 
 def open_shards(urls, counter: BadSampleCounter) -> Iterator[dict]:
-    """Open each shard through fsspec (local, http, s3, gs ...) and always close it."""
+    """Open each shard (fsspec: local, http, s3, gs ...; or a pipe: command) and always close it."""
     for url in urls:
         try:
-            stream = fsspec.open(url, "rb").open()
+            stream = open_shard(url)
         except Exception as exc:  # missing shard, unreachable server
             counter.record("read", url, exc)
             continue
         try:
             yield {"url": url, "stream": stream}
         finally:
-            stream.close()
+            try:
+                stream.close()
+            except OSError as exc:  # a pipe: command that failed
+                counter.record("read", url, exc)
 
 
 def iterate_samples(urls, counter: BadSampleCounter) -> Iterator[dict]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import posixpath
+import signal
+import subprocess
 from dataclasses import dataclass
 
 import braceexpand
@@ -50,7 +52,9 @@ def expand_urls(spec: str) -> list[str]:
         if not corpus:
             raise ShardError(f"empty corpus in shard spec {spec!r}")
         expanded = list(braceexpand.braceexpand(corpus))
-        if len(expanded) == 1 and not expanded[0].endswith(".tar") and _is_dir(expanded[0]):
+        if corpus.startswith(PIPE_PREFIX):
+            urls.extend(expanded)
+        elif len(expanded) == 1 and not expanded[0].endswith(".tar") and _is_dir(expanded[0]):
             urls.extend(_shards_in_dir(expanded[0]))
         else:
             urls.extend(expanded)
@@ -77,6 +81,9 @@ def count_samples(urls: list[str]) -> int:
     """Total samples of `urls` from the sidecar files beside them; error naming a shard without one."""
     total, cache = 0, {}
     for url in urls:
+        if url.startswith(PIPE_PREFIX):
+            raise ShardError(f"no sample count for {url!r}: pipe: shards have no sizes.json beside them; "
+                             f"set data.num_samples")
         directory, name = posixpath.split(url)
         if directory not in cache:
             cache[directory] = _sidecar_counts(directory or ".")
@@ -86,6 +93,49 @@ def count_samples(urls: list[str]) -> int:
                 f"(shard name -> count) or img2dataset _stats.json files beside the shards")
         total += cache[directory][name]
     return total
+
+
+PIPE_PREFIX = "pipe:"
+
+
+class PipeStream:
+    """The standard output of a `pipe:COMMAND` shard URL, read like a file. Closing it waits for
+    the command and raises if it failed; a command stopped by SIGPIPE because the reader stopped
+    early (e.g. at the end of an epoch's share) did not fail."""
+
+    EARLY_STOP = (-signal.SIGPIPE, 128 + signal.SIGPIPE)  # killed directly, or reported by the shell
+
+    def __init__(self, url: str):
+        self.command = url[len(PIPE_PREFIX):]
+        self._proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.read = self._proc.stdout.read
+
+    def close(self, timeout_s: float = 30) -> None:
+        self._proc.stdout.close()
+        try:
+            _, stderr = self._proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.communicate()
+            raise OSError(f"pipe command {self.command!r} did not exit within {timeout_s:.0f} s of its "
+                          f"output being closed; killed") from None
+        code = self._proc.returncode
+        if code != 0 and code not in self.EARLY_STOP:
+            tail = stderr.decode("utf-8", "replace").strip()[-300:]
+            raise OSError(f"pipe command {self.command!r} exited with status {code}: {tail}")
+
+
+def open_shard(url: str):
+    """A binary stream of one shard: `pipe:` URLs run their command (only where the recipe set
+    data.allow_pipe; the config refuses them otherwise), anything else goes through fsspec
+    (local paths, file://, http(s)://, s3://, gs:// ...)."""
+    if url.startswith(PIPE_PREFIX):
+        return PipeStream(url)
+    return fsspec.open(url, "rb").open()
+
+
+def uses_pipe(spec: str) -> bool:
+    return any(corpus.strip().startswith(PIPE_PREFIX) for corpus in spec.split("::"))
 
 
 @dataclass(frozen=True)
