@@ -120,12 +120,12 @@ def projections(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     out = []
     for row in (r for r in rows if r["ranks"] == 1):
         towers_ms = args.towers_ms or (row["step_ms"] - row["loss_ms"])
-        for ranks in PROJECT_RANKS:
-            parts = projected_ms(row["row"], ranks, towers_ms, row["loss_ms"], row["batch"], row["embed_dim"],
-                                 row["params"], args.bandwidth_gbs, args.latency_us, row["loss_ms_16x_batch"])
-            base = parts["step_ms"] if ranks == 1 else out[-1]["base_step_ms"]
-            out.append({"row": row["row"], "ranks": ranks, **parts, "base_step_ms": base,
-                        "efficiency": base / parts["step_ms"]})
+        parts_at = {ranks: projected_ms(row["row"], ranks, towers_ms, row["loss_ms"], row["batch"], row["embed_dim"],
+                                        row["params"], args.bandwidth_gbs, args.latency_us, row["loss_ms_16x_batch"])
+                    for ranks in PROJECT_RANKS}
+        base = parts_at[1]["step_ms"]
+        out += [{"row": row["row"], "ranks": ranks, **parts, "base_step_ms": base,
+                 "efficiency": base / parts["step_ms"]} for ranks, parts in parts_at.items()]
     return out
 
 

@@ -16,6 +16,9 @@ import braceexpand
 import fsspec
 
 
+PIPE_PREFIX = "pipe:"  # a shard URL that is a shell command (data.allow_pipe)
+
+
 class ShardError(ValueError):
     """A shard spec that names nothing readable; the message says which part."""
 
@@ -93,9 +96,6 @@ def count_samples(urls: list[str]) -> int:
                 f"(shard name -> count) or img2dataset _stats.json files beside the shards")
         total += cache[directory][name]
     return total
-
-
-PIPE_PREFIX = "pipe:"
 
 
 class PipeStream:
