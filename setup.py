@@ -22,6 +22,7 @@ setup(
         "webdataset>=1.0",
         "fsspec",
         "aiohttp",  # fsspec's http(s):// shards
+        "s3fs",  # s3:// shards and run directories
         "braceexpand",
         "tensorboard",
         "submitit>=1.5",
@@ -30,7 +31,10 @@ setup(
         "numpy",
         "safetensors",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "matplotlib"]},
+    extras_require={
+        "gcs": ["gcsfs"],  # gs:// shards and run directories
+        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "moto[server]"],  # moto: loopback S3 for tests
+    },
     entry_points={
         "console_scripts": [
             "cliplite-train=cliplite_dist.cli:train_main",
@@ -39,6 +43,7 @@ setup(
             "cliplite-status=cliplite_dist.cli:status_main",
             "cliplite-export=cliplite_dist.cli:export_main",
             "cliplite-eval=cliplite_dist.cli:eval_main",
+            "cliplite-prep=cliplite_dist.cli:prep_main",
         ]
     },
 )

@@ -40,7 +40,10 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
-from cliplite_dist.data.pipeline import BadSampleCounter, SampleDecoder, ShardStream, iterate_samples
+from cliplite_dist.data.badsamples import BadDataCounter
+from cliplite_dist.data.pipeline import SampleDecoder, ShardStream
+from cliplite_dist.data.reader import iterate_samples
+from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.models import Towers, build_towers
 from common import (add_common_args, entry_point, markdown_table, pyplot, results_folder, run_cells, save_figure,
@@ -130,7 +133,7 @@ def make_stream(urls: list[str], decoder: SampleDecoder, tokenizer: Callable,
                 batch_size: int = BATCH_SIZE) -> ShardStream:
     """One rank's stream as the trainer builds it (rank 0 of 1; run in-process it is one slot)."""
     cfg = DataConfig(batch_size=batch_size, shuffle_buffer=SHUFFLE_BUFFER, caption_key=CAPTION_KEY)
-    return ShardStream(urls, cfg, decoder, tokenizer, rank=0, world_size=1, seed=0)
+    return ShardStream([Corpus(tuple(urls))], cfg, decoder, tokenizer, rank=0, world_size=1, seed=0)
 
 
 # ---- stages: each returns how many samples it processed -----------------------------------------
@@ -139,7 +142,7 @@ def _count(items: Iterable) -> int:
 
 
 def read_stage(urls: Iterable[str]) -> int:
-    return _count(iterate_samples(urls, BadSampleCounter()))
+    return _count(iterate_samples(urls, BadDataCounter()))
 
 
 def decode_stage(images: list[bytes], decode: Callable) -> int:
@@ -165,7 +168,7 @@ def pipeline_stage(batches: Iterator[tuple], count: int) -> int:
 def load_shards(urls: tuple[str, ...]) -> tuple[list[bytes], list[str]]:
     """Images and captions held in memory, so decode, augment and tokenise time no reading."""
     images, captions = [], []
-    for sample in iterate_samples(urls, BadSampleCounter()):
+    for sample in iterate_samples(urls, BadDataCounter()):
         images.append(sample["jpg"])
         captions.append(sample["txt"].decode("utf-8"))
     return images, captions

@@ -2,7 +2,9 @@
 
 Layout under `RUN_DIR/checkpoints/`:
     step_00000500/          DeepSpeed's files (ZeRO partitions ...), one trainer_state_rankR.pt
-                            per rank, and COMPLETE, written last, once every rank has saved
+                            per rank, and COMPLETE, written last, once every rank has saved; it
+                            holds the step and `nodes N` (a remote copy is whole once each of
+                            the N nodes has marked its files up: cliplite_dist/rundir.py)
     latest                  the newest complete tag, replaced atomically (os.replace)
 A crash mid-save leaves a folder without COMPLETE, which resume ignores, and a `latest` that still
 names the previous complete checkpoint.
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from cliplite_dist.distributed import DistEnv
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -74,7 +78,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, keep: int) -> Path:
     torch.save({**trainer_state, "rng": rng_state()}, folder / f"trainer_state_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        (folder / COMPLETE).write_text(f"{step}\n")
+        (folder / COMPLETE).write_text(f"{step}\nnodes {DistEnv.from_environ().num_nodes}\n")
         _write_atomic(root / LATEST, tag + "\n")
         _prune(root, keep)
     dist.barrier()

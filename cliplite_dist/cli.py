@@ -50,8 +50,8 @@ def synth_main(argv: list[str] | None = None) -> None:
 def submit_main(argv: list[str] | None = None) -> None:
     from dataclasses import fields
 
-    from cliplite_dist.launch.submit import SlurmOptions, dry_run_script, follow, parse_sweep, submit, \
-        sweep_points, validate_options
+    from cliplite_dist.launch.submit import SlurmOptions, dry_run_script, follow, output_root, parse_sweep, \
+        submit, sweep_points, validate_options
 
     parser = argparse.ArgumentParser(
         prog="cliplite-submit",
@@ -77,6 +77,7 @@ def submit_main(argv: list[str] | None = None) -> None:
     try:
         validate_options(opts)
         points = sweep_points(args.recipe, args.overrides, parse_sweep(args.sweep))
+        output_root(points[0][1])  # a remote output_dir needs run.local_dir for the job logs
     except ConfigError as exc:
         parser.exit(2, f"cliplite-submit: error: {exc}\n")
     if args.dry_run:
@@ -87,11 +88,11 @@ def submit_main(argv: list[str] | None = None) -> None:
         keys = list(points[0][0])
         print("  ".join(["job"] + keys + ["run directory"]))
         for job, (point, cfg) in zip(jobs, points):
-            print("  ".join([job.job_id] + [point[k] for k in keys] + [str(cfg.run_dir)]))
+            print("  ".join([job.job_id] + [point[k] for k in keys] + [cfg.run_url or str(cfg.run_dir)]))
     else:
         job, cfg = jobs[0], points[0][1]
         print(f"submitted job {job.job_id}\n  log     {job.paths.stdout}\n  errors  {job.paths.stderr}\n"
-              f"  run     {cfg.run_dir}")
+              f"  run     {cfg.run_url or cfg.run_dir}")
     sys.stdout.flush()
     if args.wait:
         sys.exit(max(follow(job) for job in jobs))
@@ -116,7 +117,7 @@ def export_main(argv: list[str] | None = None) -> None:
         prog="cliplite-export",
         description="Consolidate a run's newest checkpoint (any ZeRO stage) to fp32 and write an open_clip "
                     "model folder (open_clip_config.json + safetensors) with our critic beside it.")
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", help="a run directory, or its URL for a remote run.output_dir (s3://...)")
     parser.add_argument("out")
     parser.add_argument("--tag", default=None, help="a checkpoint folder name (default: the newest complete one)")
     args = parser.parse_args(argv)
@@ -125,7 +126,7 @@ def export_main(argv: list[str] | None = None) -> None:
     from cliplite_dist.export import export_run
 
     try:
-        out = export_run(Path(args.run_dir), Path(args.out), args.tag)
+        out = export_run(args.run_dir, Path(args.out), args.tag)
     except (FileNotFoundError, ValueError) as exc:
         parser.exit(1, f"cliplite-export: error: {exc}\n")
     print(f"exported to {out}\n  open_clip: open_clip.create_model_and_transforms('local-dir:{out}')\n"
@@ -162,3 +163,48 @@ def eval_main(argv: list[str] | None = None) -> None:
     out = Path(args.json) if args.json else Path(args.target) / "eval.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"results written to {out}")
+
+
+def prep_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="cliplite-prep",
+        description="Prepare a corpus as webdataset shards DIR/NNNNN.tar with a sizes.json (per-shard "
+                    "sample counts for epoch lengths): from COCO captions, from a CSV/TSV list, or "
+                    "counts only for shards written elsewhere (img2dataset).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    coco = commands.add_parser("coco", help="COCO captions: one sample per image keeping every caption "
+                                            "(train with data.caption_key=json:captions)")
+    coco.add_argument("--captions", required=True, help="e.g. annotations/captions_train2017.json")
+    coco.add_argument("--images", required=True, help="the image folder, e.g. train2017/")
+    table = commands.add_parser("csv", help="a CSV (TSV for .tsv/.tab) of image paths and captions")
+    table.add_argument("file")
+    table.add_argument("--image-col", required=True)
+    table.add_argument("--caption-col", required=True)
+    table.add_argument("--image-root", help="base of relative image paths (default: the file's folder)")
+    for sub in (coco, table):
+        sub.add_argument("--out", required=True, help="output directory")
+        sub.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+        sub.add_argument("--overwrite", action="store_true", help="write into a non-empty directory, "
+                                                                  "replacing its shards")
+    stats = commands.add_parser("stats", help="write sizes.json for existing shards: from img2dataset "
+                                              "_stats.json (complete shards only), else by scanning")
+    stats.add_argument("directory", help="a local folder or a URL (s3://, gs:// ...)")
+    args = parser.parse_args(argv)
+    import logging
+
+    from cliplite_dist.data import prep
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # a line per shard written
+    try:
+        if args.command == "coco":
+            summary = prep.prep_coco(args.captions, args.images, args.out, shard_size=args.shard_size,
+                                     overwrite=args.overwrite)
+        elif args.command == "csv":
+            summary = prep.prep_csv(args.file, args.out, image_col=args.image_col,
+                                    caption_col=args.caption_col, shard_size=args.shard_size,
+                                    image_root=args.image_root, overwrite=args.overwrite)
+        else:
+            summary = prep.shard_stats(args.directory)
+    except prep.PrepError as exc:
+        parser.exit(2, f"cliplite-prep: error: {exc}\n")
+    print(summary.render())

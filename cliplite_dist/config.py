@@ -7,15 +7,18 @@ impossible combinations) before any process group, engine or SLURM job exists.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import yaml
 
-from cliplite_dist.data.shards import uses_pipe
+from cliplite_dist.data.shards import ShardError, parse_weights, uses_pipe
 
 
 class ConfigError(ValueError):
@@ -77,10 +80,15 @@ class DataConfig:
     samples_per_epoch: int = 0  # resampled mode: samples per virtual epoch (global)
     batch_size: int = 64
     workers: int = 2
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples per shuffle block of each reader (0 or 1: no shuffling)
     caption_key: str = "txt"  # "txt", or "json:FIELD" (a string or a list: one is picked per step)
     image_keys: str = "jpg;jpeg;png;webp"
     allow_pipe: bool = False  # pipe:COMMAND shard URLs run shell commands: only when the recipe says so
+    train_weights: str = ""  # resampled mixing: one weight per `::` corpus of data.train, e.g. "1;3"
+    cache_dir: str = ""  # keep remote shards here after their first complete read (node-local disk)
+    max_bad_fraction: float = 0.1  # stop once bad samples / samples read, or lost shards / shards tried, pass it
+    connect_timeout_s: float = 60.0  # start-up check that the shards are reachable: give up after this
+    record_keys: bool = False  # write every trained sample's url#key to RUN_DIR/data/keys-rankR.jsonl
     eval_batch_size: int = 256
     eval_max_samples: int = 1000  # images per evaluation set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -130,9 +138,16 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """Where a run's files go. output_dir is a local path or a URL (s3://, gs://, any fsspec
+    protocol): a remote run is written to a local staging directory and mirrored there
+    (cliplite_dist/rundir.py); local_dir is that directory's parent (default: a folder per URL
+    under $TMPDIR), the local twin of output_dir."""
+
     output_dir: str = "runs"
     name: str = "run"
     resume: str = "auto"  # auto (newest checkpoint in the run dir, if any) | never | PATH
+    local_dir: str = ""  # remote output_dir: stage the run in LOCAL_DIR/NAME (a shared path for cliplite-submit)
+    sync_every_s: float = 300.0  # remote output_dir: upload what changed this often (and once at exit)
 
 
 @dataclass
@@ -146,8 +161,26 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
+    def run_url(self) -> str:
+        """OUTPUT_DIR/NAME when run.output_dir is remote (the run is mirrored there), else ""."""
+        return f"{self.run.output_dir.rstrip('/')}/{self.run.name}" if is_remote(self.run.output_dir) else ""
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
+        """Where this process writes the run's files: OUTPUT_DIR/NAME, or for a remote output_dir
+        its staging copy, LOCAL_DIR/NAME; without run.local_dir a folder named after the URL (so
+        two remote runs of one name never share it) in the machine's temporary directory."""
+        if not self.run_url:
+            return Path(self.run.output_dir.removeprefix("file://")) / self.run.name
+        if self.run.local_dir:
+            return Path(self.run.local_dir) / self.run.name
+        digest = hashlib.sha1(self.run_url.encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / "cliplite_dist-staging" / f"{self.run.name}-{digest}"
+
+
+def is_remote(url: str) -> bool:
+    """A URL that fsspec reaches through a protocol other than the local filesystem."""
+    return fsspec.utils.get_protocol(url) not in ("file", "local")
 
 
 CHOICES: dict[str, tuple] = {
@@ -289,6 +322,17 @@ def validate(cfg: Config) -> None:
         if uses_pipe(_get(cfg, key)) and not cfg.data.allow_pipe:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is a pipe: URL, which runs a shell command on every "
                               f"rank; set data.allow_pipe=true in the recipe if that is what you want")
+    try:
+        weights = parse_weights(cfg.data.train_weights, cfg.data.train)
+    except ShardError as exc:
+        raise ConfigError(f"data.train_weights={cfg.data.train_weights!r}: {exc}") from None
+    if len(set(weights)) > 1 and not cfg.data.resampled:
+        raise ConfigError(f"data.train_weights={cfg.data.train_weights!r} needs data.resampled=true: weights say "
+                          f"how often each corpus is drawn, which only a resampled stream can honour")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction!r} must be within [0, 1] (1: never stop)")
+    if cfg.data.connect_timeout_s <= 0:
+        raise ConfigError(f"data.connect_timeout_s={cfg.data.connect_timeout_s!r} must be > 0")
     if cfg.data.resampled and cfg.data.samples_per_epoch == 0 and cfg.data.num_samples == 0:
         raise ConfigError("data.resampled=true needs data.samples_per_epoch (samples per virtual epoch)")
     if not cfg.data.caption_key == "txt" and not cfg.data.caption_key.startswith("json:"):
@@ -305,6 +349,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.synthetic.dir must name where to write the synthetic shards")
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+    if cfg.run_url:
+        protocol = fsspec.utils.get_protocol(cfg.run.output_dir)
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as exc:  # fsspec's message names the package to install
+            raise ConfigError(f"run.output_dir={cfg.run.output_dir!r}: this Python cannot write to {protocol}:// "
+                              f"({exc}); install its fsspec package (s3fs for s3://, gcsfs for gs://)") from None
+    if cfg.run.sync_every_s <= 0:
+        raise ConfigError(f"run.sync_every_s={cfg.run.sync_every_s!r} must be > 0")
+    if cfg.run.resume not in ("auto", "never") and is_remote(cfg.run.resume):
+        raise ConfigError(f"run.resume={cfg.run.resume!r}: give a local checkpoint folder; run.resume=auto "
+                          f"finds the newest checkpoint of a remote run directory by itself")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -92,6 +92,16 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def node(self) -> int:
+        """This process's node: torchrun and SLURM's default (block) distribution number ranks
+        node by node."""
+        return self.rank // self.local_world_size
+
+    @property
+    def num_nodes(self) -> int:
+        return -(-self.world_size // self.local_world_size)
+
     @classmethod
     def from_environ(cls, environ: dict | None = None) -> "DistEnv":
         env = os.environ if environ is None else environ

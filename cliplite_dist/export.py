@@ -15,6 +15,7 @@ read as safetensors only: loading an export never unpickles anything.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliplite_dist import checkpoint
-from cliplite_dist.config import Config, ObjectiveConfig, load_config
+from cliplite_dist.config import Config, ObjectiveConfig, is_remote, load_config
 from cliplite_dist.models import preprocess_config
 from cliplite_dist.objectives import Objective, build_objective
+from cliplite_dist.rundir import fetch
 
 TOWERS_PREFIX, OBJECTIVE_PREFIX = "towers.", "objective."
 META = "cliplite_meta.json"
@@ -69,9 +71,16 @@ def run_config(run_dir: Path) -> Config:
     return load_config(path)
 
 
-def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
-    """Write `out` from the newest complete checkpoint of `run_dir` (or `tag`)."""
-    run_dir, out = Path(run_dir), Path(out)
+def export_run(run_dir: str | Path, out: Path, tag: str | None = None) -> Path:
+    """Write `out` from the newest complete checkpoint of `run_dir` (or `tag`); a remote run
+    directory (s3://...) is read from a temporary local copy of its files and that checkpoint."""
+    if is_remote(str(run_dir)):
+        with tempfile.TemporaryDirectory(prefix="cliplite-export-") as local:
+            return _export(Path(local), Path(out), fetch(str(run_dir), Path(local), tag), str(run_dir))
+    return _export(Path(run_dir), Path(out), tag, str(Path(run_dir).resolve()))
+
+
+def _export(run_dir: Path, out: Path, tag: str | None, source: str) -> Path:
     cfg = run_config(run_dir)
     root = run_dir / "checkpoints"
     tag = tag or checkpoint.find_latest(root)
@@ -90,7 +99,7 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
         {"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(model_cfg)}, indent=1) + "\n")
     (out / META).write_text(json.dumps(
         {"objective": asdict(cfg.objective), "embed_dim": int(model_cfg["embed_dim"]),
-         "step": int(tag.split("_")[1]), "source_run": str(run_dir.resolve()), "checkpoint": tag,
+         "step": int(tag.split("_")[1]), "source_run": source, "checkpoint": tag,
          "similarity": "critic heads, L2-normalised dot" if cfg.objective.name == "cliplite" else "cosine"},
         indent=1) + "\n")
     return out

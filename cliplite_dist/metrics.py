@@ -31,13 +31,14 @@ class MetricLogger:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.count += 1
 
-    def flush(self, step: int, extra: dict[str, float]) -> str:
-        """Log the window's means plus `extra`; returns the one-line summary for the text log."""
+    def flush(self, step: int, extra: dict[str, float], unprinted: dict[str, float] | None = None) -> str:
+        """Log the window's means plus `extra` (under train/) and `unprinted` (full names, left out
+        of the text line); returns the one-line summary for the text log."""
         names = list(self.sums)
         means = (torch.stack([self.sums[n] for n in names]) / max(1, self.count)).tolist() if names else []
         values = {**dict(zip(names, means)), **extra}
         self.sums, self.count = {}, 0
-        self.scalars({f"train/{k}": v for k, v in values.items()}, step)
+        self.scalars({**{f"train/{k}": v for k, v in values.items()}, **(unprinted or {})}, step)
         return " | ".join(f"{k} {_fmt(v)}" for k, v in values.items())
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -49,9 +50,11 @@ class MetricLogger:
         self.jsonl.flush()
 
     def close(self) -> None:
+        """Flush and close; safe to call again (the trainer also closes on its way out of an error)."""
         if self.writer is not None:
             self.writer.close()
             self.jsonl.close()
+            self.writer = self.jsonl = None
 
 
 def _fmt(value: float) -> str:

@@ -11,16 +11,20 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from cliplite_dist import checkpoint
+from cliplite_dist import checkpoint, rundir
 from cliplite_dist.config import Config, dump_config
-from cliplite_dist.data.pipeline import BadSampleTally, SampleDecoder, ShardStream, make_loader
-from cliplite_dist.data.shards import count_samples, expand_urls
+from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadData, exceeds, fractions,
+                                           too_much_bad_data)
+from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, make_loader
+from cliplite_dist.data.shards import ShardError, count_samples, resolve_corpora
+from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
 from cliplite_dist.engine import build_engine, lr_factor, set_lr
@@ -30,6 +34,8 @@ from cliplite_dist.metrics import MetricLogger
 from cliplite_dist.models import build_model
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again to resume
+EXIT_BAD_DATA = 65  # EX_DATAERR: the data cannot be read (or too much of it is bad); not worth a requeue
+DATA_ERRORS = (EmptyStreamError, TooMuchBadData, ShardError)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 log = logging.getLogger("cliplite_dist")
@@ -48,13 +54,13 @@ class StopFlag:
     def _handle(self, signum, _frame) -> None:
         self.signum = signum
 
-    def agreed(self, device) -> bool:
-        """True on every rank once any rank was signalled; afterwards `signum` is that signal
-        on every rank (the largest, if ranks got different ones)."""
-        flag = torch.tensor([self.signum], device=device)
+    def agreed(self, device, failed: bool = False) -> tuple[bool, int]:
+        """(any rank signalled, 1 + the highest rank that `failed`, or 0), the same on every rank.
+        Afterwards `signum` is the signal on every rank (the largest, if ranks got different ones)."""
+        flag = torch.tensor([self.signum, dist.get_rank() + 1 if failed else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signum = int(flag.item())
-        return self.signum != 0
+        self.signum, failed_rank = (int(v) for v in flag.tolist())
+        return self.signum != 0, failed_rank
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -75,7 +81,9 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Trainer:
@@ -86,20 +94,31 @@ class Trainer:
         self.on_stop = on_stop
         self.env = DistEnv.from_environ()
         self.device = pick_device(cfg.engine.device, self.env.local_rank)
-        self.run_dir = cfg.run_dir
+        self.run_dir = cfg.run_dir  # local: a run with a remote output_dir is staged here
         self.ckpt_root = self.run_dir / "checkpoints"
         self.stop = StopFlag()
+        self.sync: rundir.RunDirSync | None = None  # remote output_dir: local rank 0 of each node
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
         self.stop.install()
+        # A misspelt bucket or host fails here, in seconds, on every rank, before any rendezvous;
+        # a run that writes its own synthetic corpus looks its shards up once they are written.
+        resolve = lambda: resolve_corpora(cfg.data.train, cfg.data.train_weights, cfg.data.connect_timeout_s)
+        resolved = None if cfg.data.synthetic.train_samples else resolve()
         init_distributed(env, self.device)
+        self.sync = rundir.start_sync(cfg, env, self.device)  # before the logs open: they continue the remote's
         setup_logging(self.run_dir, env.rank)
+        if self.sync is not None:
+            log.info("syncing %s to %s every %g s", self.run_dir, cfg.run_url, cfg.run.sync_every_s)
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             ensure_corpus(cfg.data.synthetic)
         dist.barrier()
+        corpora, shard_warnings = resolved or resolve()
+        for warning in shard_warnings:
+            log.warning(warning)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model, towers = build_model(cfg.model, cfg.objective)
         self.towers = towers  # tokenizer, transforms and architecture, for evaluations after training
@@ -109,14 +128,20 @@ class Trainer:
         self.engine = self.engine_info.engine
         torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank randomness from here on
 
-        urls = expand_urls(cfg.data.train)
+        urls = [url for corpus in corpora for url in corpus.urls]
         num_samples = cfg.data.samples_per_epoch or cfg.data.num_samples or count_samples(urls)
         self.batches_per_epoch = max(1, num_samples // (cfg.data.batch_size * env.world_size))
         decoder = SampleDecoder(towers.train_transform, cfg.data.caption_key,
                                 tuple(cfg.data.image_keys.split(";")))
-        self.stream = ShardStream(urls, cfg.data, decoder, towers.tokenizer, env.rank,
+        self.stream = ShardStream(corpora, cfg.data, decoder, towers.tokenizer, env.rank,
                                   env.world_size, cfg.train.seed)
         self.loader = make_loader(self.stream, cfg.data.workers, pin_memory=self.device.type == "cuda")
+        self.progress = DataProgress(max(1, cfg.data.workers), env.world_size)
+        self.fresh_data_order = False  # set on resume where positions cannot be continued
+        self.keys_file = None
+        if cfg.data.record_keys:
+            (self.run_dir / "data").mkdir(exist_ok=True)
+            self.keys_file = open(self.run_dir / "data" / f"keys-rank{env.rank}.jsonl", "a", encoding="utf-8")
         self.eval_retrieval = self.eval_zeroshot = None
         if cfg.data.eval:
             self.eval_retrieval = tasks.prepare_retrieval(cfg.data.eval, towers.eval_transform, towers.tokenizer,
@@ -135,21 +160,41 @@ class Trainer:
         mode = self.cfg.run.resume
         if mode == "never":
             return 0
+        if mode == "auto" and self.cfg.run_url:
+            rundir.pull_for_resume(self.sync, self.device)
         root, tag = (self.ckpt_root, checkpoint.find_latest(self.ckpt_root)) if mode == "auto" else \
             (Path(mode).parent, Path(mode).name)
         if tag is None:
             return 0
         state = checkpoint.load(self.engine, root, tag)
         log.info("resumed from %s at step %d", root / tag, state["step"])
+        self._restore_data(state)
         return int(state["step"])
+
+    def _restore_data(self, state: dict) -> None:
+        """Continue each reader where the checkpoint left it. Resampled streams, and checkpoints
+        whose readers do not match this run's (other world size or worker count), continue with a
+        fresh data seed instead, recorded in later checkpoints: a new order, never a replay."""
+        why = self.progress.load_state_dict(state["data"]) if "data" in state else "no data position saved"
+        seed = state.get("data_seed", self.stream.seed)
+        if self.cfg.data.resampled or why:
+            seed = stable_seed(self.cfg.train.seed, "restart", state["step"])
+            self.fresh_data_order = True
+            log.warning("data: %s; continuing with fresh data seed %d", why or "resampled stream", seed)
+        self.stream.seed = seed
 
     # ---- loop ---------------------------------------------------------------------------------
     def _batches(self, micro: int):
-        """Micro-batches from global micro-batch index `micro` on, epoch after epoch. A restart
-        inside an epoch reseeds that epoch's order with the restart point: a fresh order, not a replay."""
+        """Micro-batches from global micro-batch index `micro` on, epoch after epoch; a restart
+        inside an epoch continues every reader from its saved position."""
+        readers = self.progress.readers
         while True:
             epoch, within = divmod(micro, self.batches_per_epoch)
-            self.stream.set_epoch(epoch, restart_at=within)
+            starts = self.progress.starts(epoch)
+            if self.fresh_data_order:  # keep the bad-data counts, not the positions
+                starts = {r: (SlotPosition(), bad) for r, (_, bad) in starts.items()}
+                self.fresh_data_order = False
+            self.stream.set_epoch(epoch, first_reader=within % readers, starts=starts)
             iterator = iter(self.loader)
             for _ in range(within, self.batches_per_epoch):
                 yield epoch, next(iterator)
@@ -165,8 +210,9 @@ class Trainer:
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _save(self, step: int, epoch: int) -> None:
-        checkpoint.save(self.engine, self.ckpt_root, step, {"step": step, "epoch": epoch},
-                        self.cfg.train.keep_checkpoints)
+        state = {"step": step, "epoch": epoch, "data": self.progress.state_dict(), "data_seed": self.stream.seed}
+        checkpoint.save(self.engine, self.ckpt_root, step, state, self.cfg.train.keep_checkpoints)
+        self.saved_step = step
         log.info("checkpoint saved: %s", self.ckpt_root / checkpoint.tag_for(step))
 
     def _evaluate(self, step: int) -> dict:
@@ -191,25 +237,75 @@ class Trainer:
         self.metrics.scalars({f"eval/{k}": v for k, v in results.items()}, step)
         return results
 
+    def _next(self, batches):
+        """(epoch, batch) and None, or None and the error that kept this rank from getting one."""
+        try:
+            return next(batches), None
+        except Exception as exc:  # every rank must hear of it, or the others wait in a collective
+            return None, exc
+
+    def _data_health(self) -> tuple[dict[str, float], TooMuchBadData | None]:
+        """Bad-data counts of all ranks for TensorBoard, and the error to stop with once the bad
+        fraction passes data.max_bad_fraction (the same decision on every rank)."""
+        totals = self.progress.tally.totals()
+        names = list(totals)
+        summed = torch.tensor([totals[n] for n in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed)
+        totals = dict(zip(names, summed.tolist()))
+        sample_fraction, shard_fraction = fractions(totals)
+        metrics = {f"data/bad_{kind}": totals[kind] for kind in BAD_KINDS}
+        metrics.update({"data/bad_sample_fraction": sample_fraction, "data/lost_shard_fraction": shard_fraction,
+                        "data/samples_read": totals["good"] + sum(totals[k] for k in SAMPLE_KINDS)})
+        if not exceeds(totals, self.cfg.data.max_bad_fraction):
+            return metrics, None
+        worst = [None] * self.env.world_size
+        dist.all_gather_object(worst, self.progress.tally.worst_shards())
+        return metrics, too_much_bad_data(totals, sum(worst, Counter()), self.cfg.data.max_bad_fraction)
+
+    def _stop_on_data_error(self, step: int, epoch: int, error: Exception | None, failed_rank: int) -> None:
+        """Every rank: save what was trained (so nothing is lost), then raise; the failing rank
+        raises its own error, the others one that points at it."""
+        if step != self.saved_step:
+            self._save(step, epoch)
+        if error is None:
+            error = EmptyStreamError(f"rank {failed_rank - 1} could not read its data; see its log")
+        log.error("stopping at step %d (checkpoint saved): %s", step, error)
+        raise error
+
+    def close_outputs(self) -> None:
+        """Flush TensorBoard, metrics.jsonl and the key record: also on the way out of an error."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "keys_file", None) is not None:
+            self.keys_file.close()
+            self.keys_file = None
+
     def run(self) -> int:
         self._setup()
         cfg, engine = self.cfg, self.engine
         accum, total = cfg.optim.grad_accum, cfg.train.steps
         step = self._resume()
-        saved_step = step
-        tally = BadSampleTally()
+        self.saved_step = step
         samples_per_step = cfg.data.batch_size * self.env.world_size * accum
         window_start, data_wait = time.perf_counter(), 0.0
         window_steps, epoch = 0, step * accum // self.batches_per_epoch
         set_lr(engine.optimizer, lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
         batches = self._batches(step * accum)
-        stopped = self.stop.agreed(self.device) if step < total else False
-        micro = 0
-        while step < total and not stopped:
+        stopped, micro = False, 0
+        while step < total:
             fetch_start = time.perf_counter()
-            epoch, (images, tokens, bad) = next(batches)
+            fetched, failure = self._next(batches)
             data_wait += time.perf_counter() - fetch_start
-            tally.update(bad)
+            signalled, failed_rank = self.stop.agreed(self.device, failure is not None)
+            if failed_rank:
+                self._stop_on_data_error(step, epoch, failure, failed_rank)
+            if signalled and micro % accum == 0:  # only between optimizer steps
+                stopped = True
+                break
+            epoch, (images, tokens, info) = fetched
+            self.progress.update(info)
+            if self.keys_file is not None:
+                self.keys_file.write(json.dumps({"step": step + 1, "keys": info.keys}) + "\n")
             out = engine(images.to(self.device, self.engine_info.input_dtype, non_blocking=True),
                          tokens.to(self.device, non_blocking=True))
             engine.backward(out.loss)
@@ -228,31 +324,34 @@ class Trainer:
                 rate = window_steps * samples_per_step / elapsed
                 if grad_norm is None:
                     grad_norm = float(engine.get_global_grad_norm())
+                data_metrics, bad_data = self._data_health()
                 extra = {"lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                         "samples_per_s": rate, "data_wait_frac": data_wait / elapsed, "epoch": epoch}
-                extra.update({f"bad_{k}": v for k, v in tally.totals().items()})
-                line = self.metrics.flush(step, extra)
+                         "samples_per_s": rate, "data_wait_frac": data_wait / elapsed, "epoch": epoch,
+                         "bad": int(sum(data_metrics[f"data/bad_{k}"] for k in BAD_KINDS))}
+                line = self.metrics.flush(step, extra, data_metrics)
                 eta = (total - step) * elapsed / window_steps
                 log.info("step %d/%d | %s | eta %s", step, total, line, _fmt_duration(eta))
                 window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+                if self.keys_file is not None:
+                    self.keys_file.flush()
+                if bad_data is not None:
+                    self._stop_on_data_error(step, epoch, bad_data, self.env.rank + 1)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                 self._evaluate(step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 self._save(step, epoch)
-                saved_step = step
-            stopped = self.stop.agreed(self.device)
-        if step != saved_step:
+        if step != self.saved_step:
             self._save(step, epoch)
         if stopped:
             log.warning("stopped by signal %d (%s) at step %d; checkpoint saved, run the same command to resume",
                         self.stop.signum, signal.Signals(self.stop.signum).name, step)
-            self.metrics.close()
+            self.close_outputs()
             if self.on_stop is not None and self.env.is_main:
                 self.on_stop()
             dist.barrier()
             return EXIT_INTERRUPTED
         results = self._evaluate(step)
-        self.metrics.close()
+        self.close_outputs()
         if "i2t_R@1" in results and self.env.is_main:
             print(f"held-out retrieval R@1 = {results['i2t_R@1']:.3f} image->text, "
                   f"{results['t2i_R@1']:.3f} text->image (chance {results['chance_t2i_R@1']:.4f})", flush=True)
@@ -261,9 +360,21 @@ class Trainer:
 
 
 def train(cfg: Config, on_stop: Callable[[], None] | None = None) -> int:
-    trainer = Trainer(cfg, on_stop)
+    """Run `cfg`; a remote run directory gets its last sync on the way out, whatever ended the run.
+    Before `on_stop` (a requeue, which ends this job soon) rank 0 uploads the stop checkpoint."""
+    def upload_then_stop() -> None:
+        trainer.sync.sync_or_log()
+        on_stop()
+
+    trainer = Trainer(cfg, upload_then_stop if on_stop and cfg.run_url else on_stop)
     try:
         return trainer.run()
+    except DATA_ERRORS as exc:  # unreadable or too-bad data: a requeue would fail the same way
+        print(f"cliplite-train: data error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_DATA
     finally:
+        trainer.close_outputs()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if trainer.sync is not None:  # no collectives left: the other ranks need not wait for it
+            trainer.sync.close()  # raises SyncError if the last upload fails

@@ -44,3 +44,28 @@ def slurm_cluster():
         if os.environ.get("CI"):
             pytest.fail("no SLURM cluster: .ci/run must start slurm/local-cluster.sh")
         pytest.skip("no SLURM cluster here (start one with: sudo slurm/local-cluster.sh start)")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port for the whole session; stopped by pid."""
+    from s3kit import start_s3_server
+
+    server, proc = start_s3_server()
+    try:
+        yield server
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This test process pointed at the loopback S3 server (fsspec's cached filesystems dropped)."""
+    import fsspec
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    fsspec.filesystem("s3").clear_instance_cache()
+    yield s3_server
+    fsspec.filesystem("s3").clear_instance_cache()

@@ -23,7 +23,8 @@ def test_single_process_run_logs_checkpoints_and_evaluates(tiny_corpus, tmp_path
     tags = events.Tags()["scalars"]
     for tag in ("train/loss", "train/loss_pos", "train/loss_neg", "train/mi_jsd", "train/lr",
                 "train/temperature", "train/grad_norm", "train/samples_per_s", "train/data_wait_frac",
-                "train/bad_image", "eval/i2t_R@1"):
+                "train/bad", "data/bad_image", "data/bad_missing_shard", "data/bad_sample_fraction",
+                "data/samples_read", "eval/i2t_R@1"):
         assert tag in tags, (tag, tags)
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
     assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))

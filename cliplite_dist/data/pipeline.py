@@ -1,10 +1,11 @@
 """The training stream: shards -> samples -> decode -> caption pick -> tokenize -> batches.
 
-Each data-loader worker of each rank is one "slot". A slot reads its share of the shards in an
-order seeded by (seed, epoch, slot) and cycles through them for as long as it is asked, so a
-rank never runs short: the trainer takes exactly `steps_per_epoch` batches from every rank, which
-is what keeps DeepSpeed's collectives in step whatever the shard counts. Bad samples go to a
-`BadSampleCounter` that neither sleeps nor stays silent; its counts ride along with every batch.
+Each data-loader worker of each rank is one slot (`slots.SlotReader`): it reads its share of the
+shards for as long as it is asked, so a rank never runs short: the trainer takes exactly
+`steps_per_epoch` batches from every rank, which keeps DeepSpeed's collectives in step whatever
+the shard counts. Every batch carries its reader's position and bad-data counts; the trainer
+keeps the newest of each (`DataProgress`) and saves them with checkpoints, so a restarted run
+continues its epoch exactly where it stopped, without repeating or skipping a sample.
 """
 from __future__ import annotations
 
@@ -12,49 +13,24 @@ import io
 import json
 import logging
 import random
-import zlib
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cliplite_dist.config import DataConfig
-from cliplite_dist.data.shards import SlotShare, open_shard, share_for_slot
+from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
+from cliplite_dist.data.opener import ShardOpener
+from cliplite_dist.data.shards import Corpus
+from cliplite_dist.data.slots import SlotPosition, SlotReader, stable_seed
 
 log = logging.getLogger(__name__)
 
-BAD_KINDS = ("read", "image", "caption")
 
-
-class EmptyStreamError(RuntimeError):
-    """A full pass over a reader's shards produced no usable sample: fail fast instead of hanging."""
-
-
-class BadSampleCounter:
-    """Counts skipped samples per kind and logs the first few of each, without sleeping."""
-
-    def __init__(self, max_logged: int = 5):
-        self.counts: Counter = Counter()
-        self.max_logged = max_logged
-
-    def record(self, kind: str, where: str, exc: BaseException | str) -> None:
-        self.counts[kind] += 1
-        if self.counts[kind] <= self.max_logged:
-            log.warning("skipping bad sample (%s) at %s: %s", kind, where, exc)
-
-    def read_handler(self, exc: Exception) -> bool:
-        """webdataset handler for tar/stream errors: count, continue with the next item."""
-        self.record("read", str(exc.args[-1]) if exc.args else "?", exc)
-        return True
-
-
-def stable_seed(*parts) -> int:
-    """A seed from parts that is the same in every process (Python's hash() is salted)."""
-    return zlib.crc32(repr(parts).encode())
+class MissingCaption(ValueError):
+    """No caption field, or only empty ones (bad-data kind `no_caption`)."""
 
 
 @dataclass
@@ -74,145 +50,123 @@ class SampleDecoder:
         raise KeyError(f"no image under any of {self.image_keys}")
 
     def caption(self, sample: dict, rng: random.Random) -> str:
+        """The caption (one of a list, picked with `rng`). Raises MissingCaption for absent or
+        empty ones; UnicodeDecodeError / json.JSONDecodeError for undecodable ones."""
         if self.caption_key == "txt":
+            if "txt" not in sample:
+                raise MissingCaption("no .txt field")
             captions = sample["txt"].decode("utf-8")
         else:
-            field = self.caption_key.split(":", 1)[1]
-            captions = json.loads(sample["json"].decode("utf-8"))[field]
+            field_name = self.caption_key.split(":", 1)[1]
+            if "json" not in sample:
+                raise MissingCaption("no .json field")
+            captions = json.loads(sample["json"].decode("utf-8")).get(field_name)
         if isinstance(captions, list):
             captions = [c for c in captions if isinstance(c, str) and c.strip()]
             if not captions:
-                raise ValueError("empty caption list")
+                raise MissingCaption("empty caption list")
             captions = captions[0] if self.pick_first_caption else rng.choice(captions)
         if not isinstance(captions, str) or not captions.strip():
-            raise ValueError("empty caption")
+            raise MissingCaption(f"empty caption ({self.caption_key})")
         return captions.strip()
 
 
-def open_shards(urls, counter: BadSampleCounter) -> Iterator[dict]:
-    """Open each shard (fsspec: local, http, s3, gs ...; or a pipe: command) and always close it."""
-    for url in urls:
-        try:
-            stream = open_shard(url)
-        except Exception as exc:  # missing shard, unreachable server
-            counter.record("read", url, exc)
-            continue
-        try:
-            yield {"url": url, "stream": stream}
-        finally:
-            try:
-                stream.close()
-            except OSError as exc:  # a pipe: command that failed
-                counter.record("read", url, exc)
+def _where(sample: dict) -> str:
+    return f"{sample.get('__url__')}:{sample.get('__key__')}"
 
 
-def iterate_samples(urls, counter: BadSampleCounter) -> Iterator[dict]:
-    """Raw samples (dicts of key -> bytes) of `urls` in order; unreadable parts counted."""
-    files = tar_file_expander(open_shards(urls, counter), handler=counter.read_handler)
-    yield from group_by_keys(files, handler=counter.read_handler)
+def image_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounter) -> torch.Tensor | None:
+    try:
+        return decoder.image(sample)
+    except Exception as exc:  # undecodable, truncated, no image field
+        counter.record("image", sample.get("__url__", "?"), _where(sample), exc)
+        return None
 
 
-def decode_samples(samples, decoder: SampleDecoder, counter: BadSampleCounter,
-                   rng: random.Random) -> Iterator[tuple[torch.Tensor, str, str]]:
-    """(image, caption, key) per good sample; bad images and captions are counted and skipped."""
+def decoded_images(samples, decoder: SampleDecoder, counter: BadDataCounter) -> Iterator[tuple[dict, torch.Tensor]]:
+    """(sample, image tensor) of every sample whose image decodes; the rest counted and skipped."""
     for sample in samples:
-        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-        try:
-            caption = decoder.caption(sample, rng)
-        except Exception as exc:  # missing, empty, non-UTF-8, malformed json
-            counter.record("caption", where, exc)
-            continue
-        try:
-            image = decoder.image(sample)
-        except Exception as exc:
-            counter.record("image", where, exc)
-            continue
-        yield image, caption, sample.get("__key__", "")
+        image = image_or_none(sample, decoder, counter)
+        if image is not None:
+            yield sample, image
 
 
-def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle buffer: emits a random held item once the buffer is full."""
-    held: list = []
-    for item in items:
-        if len(held) < buffer:
-            held.append(item)
-            continue
-        index = rng.randrange(len(held))
-        held[index], item = item, held[index]
-        yield item
-    rng.shuffle(held)
-    yield from held
+def caption_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounter,
+                    rng: random.Random) -> str | None:
+    try:
+        return decoder.caption(sample, rng)
+    except MissingCaption as exc:
+        counter.record("no_caption", sample.get("__url__", "?"), _where(sample), exc)
+    except (UnicodeDecodeError, ValueError, AttributeError) as exc:  # non-UTF-8, bad JSON, not a dict
+        counter.record("bad_caption", sample.get("__url__", "?"), _where(sample), exc)
+    return None
+
+
+@dataclass
+class BatchInfo:
+    """What rides along with a batch: which reader made it, where that reader now stands, its
+    bad-data counts so far, and (with data.record_keys) the samples' `url#key`s."""
+
+    epoch: int
+    reader: int  # logical worker index within the rank
+    position: dict
+    bad: dict
+    keys: list[str] = field(default_factory=list)
 
 
 class ShardStream(IterableDataset):
-    """Endless batches of (images, tokens, bad-sample counts) for one rank.
+    """Endless batches of (images, tokens, BatchInfo) for one rank.
 
-    `set_epoch` before each `iter()` reseeds shard order and shuffles from (seed, epoch), so
-    every epoch differs but a rerun of the same epoch is identical.
+    `set_epoch` before each `iter()` says which epoch to read and where each reader starts.
     """
 
-    def __init__(self, urls: list[str], cfg: DataConfig, decoder: SampleDecoder, tokenizer,
+    def __init__(self, corpora: list[Corpus], cfg: DataConfig, decoder: SampleDecoder, tokenizer,
                  rank: int, world_size: int, seed: int):
-        self.urls, self.cfg, self.decoder, self.tokenizer = list(urls), cfg, decoder, tokenizer
+        self.corpora, self.cfg, self.decoder, self.tokenizer = corpora, cfg, decoder, tokenizer
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch, self.restart_at = 0, 0
+        self.opener = ShardOpener(cfg.cache_dir)
+        self.epoch, self.first_reader = 0, 0
+        self.starts: dict[int, tuple[SlotPosition, dict | None]] = {}
 
-    def set_epoch(self, epoch: int, restart_at: int = 0) -> None:
-        """Seeds for `epoch`; `restart_at` > 0 (resuming mid-epoch) gives that epoch a fresh order."""
-        self.epoch, self.restart_at = epoch, restart_at
+    def set_epoch(self, epoch: int, first_reader: int = 0,
+                  starts: dict[int, tuple[SlotPosition, dict | None]] | None = None) -> None:
+        """Read `epoch`; reader `first_reader` serves the first batch (the loader always asks its
+        worker 0 first: rotating keeps batch k of an epoch with reader k mod workers after a
+        restart); `starts` maps readers to (position, bad-data snapshot) to continue from."""
+        self.epoch, self.first_reader, self.starts = epoch, first_reader, dict(starts or {})
 
-    def _slot(self) -> tuple[int, int, int]:
+    def _reader(self) -> tuple[int, int, int]:
+        """(slot, number of slots, logical reader index) of the calling worker."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers, worker
-
-    def _shard_order(self, slot: int, num_slots: int, rng: random.Random):
-        """(url, share) for this slot, pass after pass; resampled mode draws with replacement."""
-        if self.cfg.resampled:
-            share = SlotShare(tuple(self.urls))
-            while True:
-                yield rng.choice(self.urls), share
-        pass_index = 0
-        while True:
-            order = list(self.urls)
-            random.Random(stable_seed(self.seed, self.epoch, self.restart_at, pass_index)).shuffle(order)
-            share = share_for_slot(order, slot, num_slots)
-            for url in share.urls:
-                yield url, share
-            pass_index += 1
-
-    def _samples(self, slot: int, num_slots: int, counter: BadSampleCounter,
-                 rng: random.Random) -> Iterator[dict]:
-        dry = 0  # shards in a row that gave this slot nothing
-        for url, share in self._shard_order(slot, num_slots, rng):
-            got = False
-            for index, sample in enumerate(iterate_samples([url], counter)):
-                if index % share.sample_stride == share.sample_offset:
-                    got = True
-                    yield sample
-            dry = 0 if got else dry + 1
-            if dry >= len(share.urls):
-                raise EmptyStreamError(
-                    f"rank {self.rank}: {dry} shard(s) in a row (last: {url!r}) gave no sample; "
-                    f"bad so far: {dict(counter.counts)}")
+        reader = (worker + self.first_reader) % workers
+        return self.rank * workers + reader, self.world_size * workers, reader
 
     def __iter__(self):
-        slot, num_slots, worker = self._slot()
-        rng = random.Random(stable_seed(self.seed, self.epoch, self.restart_at, slot))
-        counter = BadSampleCounter()
-        samples = shuffled(self._samples(slot, num_slots, counter, rng), self.cfg.shuffle_buffer, rng)
-        decoded = decode_samples(samples, self.decoder, counter, rng)
-        batch_size = self.cfg.batch_size
+        slot, num_slots, reader = self._reader()
+        position, snapshot = self.starts.get(reader, (SlotPosition(), None))
+        counter = BadDataCounter.from_snapshot(snapshot)
+        samples = SlotReader(self.corpora, self.cfg.resampled, self.cfg.shuffle_buffer, self.seed, self.epoch,
+                             slot, num_slots, counter, self.opener).samples(position)
+        batch_size, record = self.cfg.batch_size, self.cfg.record_keys
         while True:
-            images, captions = [], []
-            for image, caption, _ in decoded:
+            images, captions, keys = [], [], []
+            for sample, position in samples:
+                # The caption pick depends on (seed, epoch, sample) only: the same after a restart.
+                rng = random.Random(stable_seed(self.seed, self.epoch, sample["__url__"], sample["__key__"]))
+                caption = caption_or_none(sample, self.decoder, counter, rng)
+                image = None if caption is None else image_or_none(sample, self.decoder, counter)
+                if image is None:
+                    continue
+                counter.good += 1
                 images.append(image)
                 captions.append(caption)
+                if record:
+                    keys.append(f"{sample['__url__']}#{sample['__key__']}")
                 if len(images) == batch_size:
                     break
-            if len(images) < batch_size:
-                return
-            yield torch.stack(images), self.tokenizer(captions), ((self.epoch, worker), dict(counter.counts))
+            info = BatchInfo(self.epoch, reader, position.to_dict(), counter.snapshot(), keys)
+            yield torch.stack(images), self.tokenizer(captions), info
 
 
 def _worker_init(_: int) -> None:
@@ -226,20 +180,40 @@ def make_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoad
                       persistent_workers=False)
 
 
-class BadSampleTally:
-    """Sums the per-worker cumulative counts that arrive with batches, in the training process."""
+class DataProgress:
+    """The training process's record of consumed batches: the newest position and bad-data
+    snapshot of each reader, saved with checkpoints (per rank) so that a restart continues them."""
 
-    def __init__(self):
-        self.by_worker: dict[tuple[int, int], dict[str, int]] = {}
+    def __init__(self, readers: int, world_size: int):
+        self.readers, self.world_size = readers, world_size
+        self.epoch = 0
+        self.positions: dict[int, SlotPosition] = {}
+        self.tally = BadDataTally()
 
-    def update(self, worker_counts: tuple[tuple[int, int], dict]) -> None:
-        """Counts are cumulative per (epoch, worker) iterator, so the newest one replaces the last."""
-        worker, counts = worker_counts
-        self.by_worker[tuple(worker)] = counts  # the loader turns the tuple into a list
+    def update(self, info: BatchInfo) -> None:
+        if info.epoch != self.epoch:
+            self.epoch, self.positions = info.epoch, {}
+        self.positions[info.reader] = SlotPosition(**info.position)
+        self.tally.update((info.epoch, info.reader), info.bad)
 
-    def totals(self) -> dict[str, int]:
-        out = {kind: 0 for kind in BAD_KINDS}
-        for counts in self.by_worker.values():
-            for kind, n in counts.items():
-                out[kind] = out.get(kind, 0) + n
-        return out
+    def starts(self, epoch: int) -> dict[int, tuple[SlotPosition, dict | None]]:
+        """Where each reader continues in `epoch` (empty for an epoch not begun)."""
+        if epoch != self.epoch:
+            return {}
+        return {r: (p, self.tally.by_reader.get((epoch, r))) for r, p in self.positions.items()}
+
+    def state_dict(self) -> dict:
+        return {"readers": self.readers, "world_size": self.world_size, "epoch": self.epoch,
+                "positions": {r: p.to_dict() for r, p in self.positions.items()},
+                "tally": self.tally.by_reader}
+
+    def load_state_dict(self, state: dict) -> str | None:
+        """Restore; returns why the positions cannot be used (None if they can). Bad-data counts
+        are kept either way."""
+        self.tally = BadDataTally(state["tally"])
+        if (state["readers"], state["world_size"]) != (self.readers, self.world_size):
+            return (f"saved with {state['world_size']} rank(s) x {state['readers']} reader(s), now "
+                    f"{self.world_size} x {self.readers}")
+        self.epoch = state["epoch"]
+        self.positions = {int(r): SlotPosition(**p) for r, p in state["positions"].items()}
+        return None

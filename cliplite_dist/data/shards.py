@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-import signal
-import subprocess
+import threading
 from dataclasses import dataclass
 
 import braceexpand
@@ -47,21 +46,53 @@ def _shards_in_dir(url: str) -> list[str]:
     return [_unstrip(url, fs, t) for t in tars]
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """Shards of one corpus and its weight in a resampled mix."""
+
+    urls: tuple[str, ...]
+    weight: float = 1.0
+
+
+def split_corpora(spec: str) -> list[str]:
+    parts = [part.strip() for part in spec.split("::")]
+    if not all(parts):
+        raise ShardError(f"empty corpus in shard spec {spec!r}")
+    return parts
+
+
+def parse_weights(weights: str, spec: str) -> list[float]:
+    """One positive weight per `::` corpus of `spec` ("1;3"); all 1 when `weights` is empty."""
+    count = len(split_corpora(spec))
+    if not weights.strip():
+        return [1.0] * count
+    try:
+        values = [float(w) for w in weights.split(";")]
+    except ValueError:
+        raise ShardError(f"weights {weights!r}: expected numbers separated by ';'") from None
+    if len(values) != count or min(values) <= 0:
+        raise ShardError(f"weights {weights!r}: need {count} positive number(s), one per '::' corpus of {spec!r}")
+    return values
+
+
+def _expand_corpus(corpus: str) -> list[str]:
+    expanded = list(braceexpand.braceexpand(corpus))
+    if corpus.startswith(PIPE_PREFIX):
+        return expanded
+    if len(expanded) == 1 and not expanded[0].endswith(".tar") and _is_dir(expanded[0]):
+        return _shards_in_dir(expanded[0])
+    return expanded
+
+
+def expand_corpora(spec: str, weights: str = "") -> list[Corpus]:
+    """The corpora named by `spec` (joined with `::`), each with its shards in order and weight."""
+    return [Corpus(tuple(_expand_corpus(part)), weight)
+            for part, weight in zip(split_corpora(spec), parse_weights(weights, spec))]
+
+
 def expand_urls(spec: str) -> list[str]:
     """All shard URLs named by `spec`, in order, corpora joined with `::`."""
-    urls: list[str] = []
-    for corpus in spec.split("::"):
-        corpus = corpus.strip()
-        if not corpus:
-            raise ShardError(f"empty corpus in shard spec {spec!r}")
-        expanded = list(braceexpand.braceexpand(corpus))
-        if corpus.startswith(PIPE_PREFIX):
-            urls.extend(expanded)
-        elif len(expanded) == 1 and not expanded[0].endswith(".tar") and _is_dir(expanded[0]):
-            urls.extend(_shards_in_dir(expanded[0]))
-        else:
-            urls.extend(expanded)
-    return urls
+    return [url for corpus in expand_corpora(spec) for url in corpus.urls]
 
 
 def _sidecar_counts(directory: str) -> dict[str, int]:
@@ -98,42 +129,6 @@ def count_samples(urls: list[str]) -> int:
     return total
 
 
-class PipeStream:
-    """The standard output of a `pipe:COMMAND` shard URL, read like a file. Closing it waits for
-    the command and raises if it failed; a command stopped by SIGPIPE because the reader stopped
-    early (e.g. at the end of an epoch's share) did not fail."""
-
-    EARLY_STOP = (-signal.SIGPIPE, 128 + signal.SIGPIPE)  # killed directly, or reported by the shell
-
-    def __init__(self, url: str):
-        self.command = url[len(PIPE_PREFIX):]
-        self._proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.read = self._proc.stdout.read
-
-    def close(self, timeout_s: float = 30) -> None:
-        self._proc.stdout.close()
-        try:
-            _, stderr = self._proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.communicate()
-            raise OSError(f"pipe command {self.command!r} did not exit within {timeout_s:.0f} s of its "
-                          f"output being closed; killed") from None
-        code = self._proc.returncode
-        if code != 0 and code not in self.EARLY_STOP:
-            tail = stderr.decode("utf-8", "replace").strip()[-300:]
-            raise OSError(f"pipe command {self.command!r} exited with status {code}: {tail}")
-
-
-def open_shard(url: str):
-    """A binary stream of one shard: `pipe:` URLs run their command (only where the recipe set
-    data.allow_pipe; the config refuses them otherwise), anything else goes through fsspec
-    (local paths, file://, http(s)://, s3://, gs:// ...)."""
-    if url.startswith(PIPE_PREFIX):
-        return PipeStream(url)
-    return fsspec.open(url, "rb").open()
-
-
 def uses_pipe(spec: str) -> bool:
     return any(corpus.strip().startswith(PIPE_PREFIX) for corpus in spec.split("::"))
 
@@ -158,3 +153,68 @@ def share_for_slot(urls: list[str], slot: int, num_slots: int) -> SlotShare:
     if len(urls) >= num_slots:
         return SlotShare(tuple(urls[slot::num_slots]))
     return SlotShare(tuple(urls), sample_stride=num_slots, sample_offset=slot)
+
+
+def _within(timeout_s: float, what: str, fn):
+    """fn() in a daemon thread, so that a host that never answers cannot hang the caller (nor
+    its exit); raises ShardError naming `what` after `timeout_s`."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name="shard-check")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ShardError(f"no answer within {timeout_s:g} s while {what} (data.connect_timeout_s): "
+                         f"is the host right and reachable from here?")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def is_missing(exc: BaseException) -> bool:
+    """True where `exc` says the file does not exist. fsspec's HTTP filesystem reports a refused
+    connection as FileNotFoundError too; its cause tells the two apart."""
+    cause = exc.__cause__
+    return isinstance(exc, FileNotFoundError) and not (isinstance(cause, OSError) and
+                                                        not isinstance(cause, FileNotFoundError))
+
+
+def _probe(url: str) -> str | None:
+    """None if `url` exists, else why not."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.info(path)
+        return None
+    except Exception as exc:  # missing; or refused connection, DNS, permissions
+        if is_missing(exc):
+            return "does not exist"
+        cause = exc.__cause__ or exc
+        return f"cannot be reached ({type(cause).__name__}: {cause})"
+
+
+def check_reachable(urls: list[str]) -> list[str]:
+    """Looks up the first, middle and last shard (pipe: commands are not run). Raises ShardError
+    when none of them can be read, so a misspelt bucket or host fails at start-up instead of
+    after every reader has tried every shard; returns a warning for each one that is missing."""
+    probed = [u for u in dict.fromkeys([urls[0], urls[len(urls) // 2], urls[-1]]) if not u.startswith(PIPE_PREFIX)]
+    problems = {url: why for url in probed if (why := _probe(url))}
+    if probed and len(problems) == len(probed):
+        listing = "; ".join(f"{url} {why}" for url, why in problems.items())
+        raise ShardError(f"none of the shards looked up can be read: {listing}. Check the bucket, host and "
+                         f"path in data.train (and credentials: AWS_*/GOOGLE_* environment variables)")
+    return [f"shard {url} {why}" for url, why in problems.items()]
+
+
+def resolve_corpora(spec: str, weights: str, timeout_s: float) -> tuple[list[Corpus], list[str]]:
+    """`expand_corpora` plus `check_reachable`, bounded by `timeout_s`: (corpora, warnings)."""
+    def resolve():
+        corpora = expand_corpora(spec, weights)
+        return corpora, check_reachable([url for corpus in corpora for url in corpus.urls])
+
+    return _within(timeout_s, f"listing and looking up the shards of {spec!r}", resolve)

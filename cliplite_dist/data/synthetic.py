@@ -22,13 +22,13 @@ import hashlib
 import io
 import json
 import math
-import os
 import pathlib
 import re
-import tarfile
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from cliplite_dist.data.tarfiles import SIZES_NAME, write_sizes, write_tar, write_text
 
 # Named colours, chosen far apart in RGB and away from the grey backgrounds.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -284,47 +284,9 @@ def _json_bytes(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add a file with fixed metadata (mtime, owner), so shards are byte-reproducible."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _tmp_name(path: pathlib.Path) -> pathlib.Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _write_tar(path: pathlib.Path, samples) -> None:
-    """Write samples ({"__key__": key, ext: bytes, ...}; members in the dict's order) to a
-    temporary name, rename when complete: a final name always means a whole shard."""
-    tmp = _tmp_name(path)
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                for ext, data in sample.items():
-                    if ext != "__key__":
-                        _add_member(tar, f"{sample['__key__']}.{ext}", data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: pathlib.Path, text: str) -> None:
-    """Replace a small text file atomically (readers may be polling it)."""
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_shard(path: pathlib.Path, indices: range, seed: int, split: str,
                  image_size: int) -> None:
-    _write_tar(path, (make_sample(seed, split, index, image_size) for index in indices))
+    write_tar(path, (make_sample(seed, split, index, image_size) for index in indices))
 
 
 def _own_shard_re(split: str) -> re.Pattern:
@@ -337,14 +299,14 @@ def _update_sizes(out_dir: pathlib.Path, split: str, counts: dict[str, int]) -> 
     Entries of other splits are kept; entries of this split that this run did not write (from an
     earlier, larger run) are dropped, so the sidecar describes exactly the current shards.
     """
-    sizes_path = out_dir / "sizes.json"
+    sizes_path = out_dir / SIZES_NAME
     sizes = json.loads(sizes_path.read_text(encoding="utf-8")) if sizes_path.exists() else {}
     if not isinstance(sizes, dict):
         raise ValueError(f"{sizes_path} is not a JSON object of shard name -> count")
     own = _own_shard_re(split)
     merged = {name: n for name, n in sizes.items() if not own.fullmatch(name)}
     merged.update(counts)
-    _write_text(sizes_path, json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+    write_sizes(out_dir, merged)
 
 
 def _remove_stale_shards(out_dir: pathlib.Path, split: str, written: dict[str, int]) -> None:
@@ -526,19 +488,19 @@ def _write_eval_set(kind: str, out_dir, num_samples: int, split: str, seed: int,
             (root / name).unlink(missing_ok=True)
     if labelled:
         names = CLASS_NAMES if kind == "classification" else SHAPES
-        _write_text(root / "classnames.txt", "".join(f"{n}\n" for n in names))
-        _write_text(root / "zeroshot_classification_templates.txt",
-                    "".join(f"{t}\n" for t in ZEROSHOT_TEMPLATES))
+        write_text(root / "classnames.txt", "".join(f"{n}\n" for n in names))
+        write_text(root / "zeroshot_classification_templates.txt",
+                   "".join(f"{t}\n" for t in ZEROSHOT_TEMPLATES))
     if kind != "classification":
-        _write_text(root / "dataset_type.txt", f"{kind}\n")
+        write_text(root / "dataset_type.txt", f"{kind}\n")
 
     paths = []
     for shard, start in enumerate(range(0, num_samples, shard_size)):
         path = split_dir / f"{shard}.tar"
         indices = range(start, min(start + shard_size, num_samples))
-        _write_tar(path, (make_eval_sample(kind, seed, split, i, image_size) for i in indices))
+        write_tar(path, (make_eval_sample(kind, seed, split, i, image_size) for i in indices))
         paths.append(path)
-    _write_text(split_dir / "nshards.txt", f"{len(paths)}\n")
+    write_text(split_dir / "nshards.txt", f"{len(paths)}\n")
     written = {p.name for p in paths}
     for path in split_dir.glob("*.tar"):  # shards of an earlier, larger run
         if _SHARD_NAME_RE.fullmatch(path.name) and path.name not in written:

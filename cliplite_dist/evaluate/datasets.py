@@ -10,6 +10,7 @@ Everything is read through fsspec, like training shards.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import posixpath
 from dataclasses import dataclass
@@ -18,10 +19,13 @@ import fsspec
 import numpy as np
 import torch
 
-from cliplite_dist.data.pipeline import BadSampleCounter, SampleDecoder, iterate_samples
+from cliplite_dist.config import DataConfig
+from cliplite_dist.data.badsamples import BadDataCounter
+from cliplite_dist.data.pipeline import SampleDecoder, decoded_images
+from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import expand_urls
 
-IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
+IMAGE_KEYS = tuple(DataConfig.image_keys.split(";"))
 
 
 def read_text(url: str) -> str | None:
@@ -74,18 +78,8 @@ class LabelledImages:
 def _decoded(urls, decoder: SampleDecoder, max_samples: int):
     """(sample, image tensor) for the first `max_samples` decodable samples (0: all); unreadable
     parts and undecodable images are counted and logged by the counter, then skipped."""
-    counter = BadSampleCounter()
-    kept = 0
-    for sample in iterate_samples(urls, counter):
-        if max_samples and kept >= max_samples:
-            return
-        try:
-            image = decoder.image(sample)
-        except Exception as exc:
-            counter.record("image", f"{sample.get('__url__')}:{sample.get('__key__')}", exc)
-            continue
-        kept += 1
-        yield sample, image
+    pairs = decoded_images(iterate_samples(urls, BadDataCounter()), decoder, BadDataCounter())
+    return itertools.islice(pairs, max_samples or None)
 
 
 def load_labelled(split_dir: str, transform, max_samples: int = 0) -> LabelledImages:

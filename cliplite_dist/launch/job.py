@@ -55,9 +55,9 @@ class TrainJob(submitit.helpers.Checkpointable):
                 sys.exit(EXIT_INTERRUPTED)
             raise RequeueLimitReached(
                 f"stopped by a signal after {self._restarts()} requeue(s) (--max-requeues "
-                f"{self.max_requeues}); the checkpoint is in {self.cfg.run_dir / 'checkpoints'}: "
+                f"{self.max_requeues}); the checkpoint is in {self.cfg.run_url or self.cfg.run_dir}/checkpoints: "
                 f"submit the same command again to continue")
-        return str(self.cfg.run_dir)
+        return self.cfg.run_url or str(self.cfg.run_dir)
 
     def _restarts(self) -> int:
         return int(os.environ.get("SLURM_RESTART_COUNT", 0))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliplite_dist.checkpoint import find_latest
+from cliplite_dist.config import is_remote
 
 
 @dataclass
@@ -74,6 +75,9 @@ def run_dir_of_job(job_id: str) -> Path:
 
 
 def run_status(target: str, tail: int = 10) -> RunStatus:
+    if is_remote(target):
+        raise FileNotFoundError(f"{target} is remote: give the run's staging directory (RUN.LOCAL_DIR/NAME) "
+                                f"or its job id")
     run_dir = Path(target) if Path(target).is_dir() else run_dir_of_job(target)
     job_file = run_dir / "job.json"
     job_id = json.loads(job_file.read_text())["job_id"] if job_file.exists() else None

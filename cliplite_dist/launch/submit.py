@@ -93,7 +93,12 @@ def slurm_parameters(opts: SlurmOptions, cfg: Config) -> dict:
 
 
 def output_root(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir).resolve()
+    """The local folder holding the run directories (job logs go to its slurm/): run.output_dir,
+    or run.local_dir for a remote output_dir, where the runs are staged."""
+    if cfg.run_url and not cfg.run.local_dir:
+        raise ConfigError(f"run.output_dir={cfg.run.output_dir!r} is remote, but job logs need a folder that this "
+                          f"machine and the nodes share: set run.local_dir (the runs are staged there too)")
+    return cfg.run_dir.parent.resolve()
 
 
 def make_executor(opts: SlurmOptions, cfg: Config, local: bool) -> submitit.Executor:

@@ -1,0 +1,147 @@
+"""Our trainer against open_clip's (`open_clip_train`, from the open-clip-torch package) on the
+same work: the same shards, open_clip model config, batch size, precision, optimizer settings,
+worker count and number of steps, run in alternation so that drift of the machine hits both.
+
+Throughput is each trainer's own steady-state measure, defined alike: samples per second over a
+logging window (data wait included), median over the windows after the first (which holds
+start-up and warmup). Ours comes from `metrics.jsonl` (`train/samples_per_s`); theirs from the
+window average `Batch (t)` of their log. A pair is (ours with InfoNCE, theirs); the reported ratio
+is the median over pairs, with CLIP-Lite beside it.
+
+open_clip_train 3.x needs webdataset <= 0.2.86 (it breaks on newer ones) and pandas; both go
+into `benchmarks/.open_clip_deps` (`pip install --target`, from the registry or `--wheels DIR`)
+and onto open_clip's PYTHONPATH only, so our own process keeps its webdataset. On CPU it runs
+as one process (its DDP wrapper passes a CPU device id), so the comparison is one process.
+
+    python benchmarks/vs_open_clip.py --machine-name cpu-2core-dev          # fp32, 5 pairs (~25 min here)
+    python benchmarks/vs_open_clip.py --precision bf16 --machine-name h100  # GPU: amp_bf16 for theirs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import BENCH_DIR, REPO, markdown_table, results_folder, write_results
+
+OPEN_CLIP_DEPS = BENCH_DIR / ".open_clip_deps"
+OPEN_CLIP_PINS = ["webdataset==0.2.86", "pandas", "pytz", "tzdata"]
+MODEL_CONFIGS = REPO / "cliplite_dist" / "model_configs"
+# Registers our model configs (tiny-vit ...) with open_clip, then runs its trainer's main().
+OPEN_CLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+                  "from open_clip_train.main import main; main(sys.argv[2:])")
+THEIR_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
+_WINDOW = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([0-9.]+)")
+
+
+def ensure_open_clip_deps(wheels: str | None) -> None:
+    if (OPEN_CLIP_DEPS / "webdataset-0.2.86.dist-info").exists():
+        return
+    source = ["--no-index", "--find-links", wheels] if wheels else []
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(OPEN_CLIP_DEPS),
+                    *source, *OPEN_CLIP_PINS], check=True)
+
+
+def steady(rates: list[float]) -> float:
+    """Median over the logging windows after the first."""
+    if len(rates) < 2:
+        raise RuntimeError(f"need at least 2 logging windows, got {len(rates)}: run more steps")
+    return statistics.median(rates[1:])
+
+
+def run_open_clip(shards: str, args, out: Path) -> float:
+    name = f"oc-{time.time_ns()}"
+    cmd = [sys.executable, "-c", OPEN_CLIP_MAIN, str(MODEL_CONFIGS),
+           "--train-data", shards, "--dataset-type", "webdataset", "--train-num-samples", str(args.batch * args.steps),
+           "--batch-size", str(args.batch), "--workers", str(args.workers), "--precision", THEIR_PRECISION[args.precision],
+           "--model", args.model, "--epochs", "1", "--log-every-n-steps", str(args.log_every),
+           "--save-frequency", "0", "--logs", str(out), "--name", name, "--report-to", "",
+           "--lr", "1e-3", "--wd", "0.05", "--warmup", "10", "--grad-clip-norm", "1.0", "--seed", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(OPEN_CLIP_DEPS), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(cmd, check=True, env=env, cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (out / name / "out.log").read_text()
+    return steady([args.batch / float(batch_s) for _, batch_s in _WINDOW.findall(log)])
+
+
+def run_ours(objective: str, shards: str, args, out: Path) -> float:
+    name = f"ours-{objective}-{time.time_ns()}"
+    cmd = [str(Path(sys.executable).parent / "cliplite-train"), str(REPO / "recipes" / "tiny-cpu.yaml"),
+           f"objective.name={objective}", f"model.name={args.model}", f"data.train={shards}",
+           f"data.num_samples={args.batch * args.steps}", "data.eval=''", "data.eval_zeroshot=''",
+           "data.synthetic.train_samples=0", "data.caption_key=txt", f"data.batch_size={args.batch}",
+           f"data.workers={args.workers}", f"engine.precision={args.precision}", "optim.lr=1e-3",
+           "optim.weight_decay=0.05", "optim.warmup_steps=10", "optim.grad_clip=1.0", f"train.steps={args.steps}",
+           f"train.log_every={args.log_every}", "train.checkpoint_every=0", f"run.output_dir={out}",
+           f"run.name={name}", "run.resume=never"]
+    subprocess.run(cmd, check=True, cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out / name / "checkpoints", ignore_errors=True)  # the final checkpoint is not measured
+    return steady([m["train/samples_per_s"] for m in metrics if "train/samples_per_s" in m])
+
+
+def write_shards(out: Path, samples: int) -> str:
+    from cliplite_dist.data.synthetic import write_corpus
+
+    paths = write_corpus(out / "data", samples, split="train", shard_size=1000, image_size=64, seed=0)
+    return str(out / "data" / f"train-{{00000..{len(paths) - 1:05d}}}.tar")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--model", default="tiny-vit")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--precision", choices=sorted(THEIR_PRECISION), default="fp32")
+    parser.add_argument("--wheels", default=None, help="offline: a folder with the wheels of OPEN_CLIP_PINS")
+    parser.add_argument("--out", default="/tmp/cliplite-bench-vs-open-clip")
+    parser.add_argument("--machine-name", default=None)
+    parser.add_argument("--results-dir", default=str(BENCH_DIR / "results"))
+    args = parser.parse_args()
+    ensure_open_clip_deps(args.wheels)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    shards = write_shards(out, args.batch * args.steps)
+
+    rows = []
+    for pair in range(args.pairs):
+        runs = [("open_clip_train", lambda: run_open_clip(shards, args, out)),
+                ("ours-infonce", lambda: run_ours("infonce", shards, args, out)),
+                ("ours-cliplite", lambda: run_ours("cliplite", shards, args, out))]
+        if pair % 2:
+            runs.reverse()  # neither side always runs first
+        rates = {name: fn() for name, fn in runs}
+        rows.append({"pair": pair, **{f"{name}_samples_per_s": rate for name, rate in rates.items()},
+                     "infonce_ratio": rates["ours-infonce"] / rates["open_clip_train"],
+                     "cliplite_over_infonce": rates["ours-cliplite"] / rates["ours-infonce"]})
+        print(json.dumps(rows[-1]), flush=True)
+
+    median = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key != "pair"}
+    table = markdown_table(
+        ["pair", "open_clip_train samples/s", "ours InfoNCE samples/s", "ours CLIP-Lite samples/s",
+         "ours InfoNCE / open_clip", "ours CLIP-Lite / ours InfoNCE"],
+        [[row["pair"], f"{row['open_clip_train_samples_per_s']:.1f}", f"{row['ours-infonce_samples_per_s']:.1f}",
+          f"{row['ours-cliplite_samples_per_s']:.1f}", f"{row['infonce_ratio']:.3f}",
+          f"{row['cliplite_over_infonce']:.3f}"] for row in rows]
+        + [["**median**", f"{median['open_clip_train_samples_per_s']:.1f}", f"{median['ours-infonce_samples_per_s']:.1f}",
+            f"{median['ours-cliplite_samples_per_s']:.1f}", f"**{median['infonce_ratio']:.3f}**",
+            f"**{median['cliplite_over_infonce']:.3f}**"]])
+    setting = (f"{args.model}, batch {args.batch}, {args.precision}, {args.workers} worker(s), {args.steps} steps "
+               f"(log every {args.log_every}), 1 process, same shards")
+    folder = results_folder("vs_open_clip", args.machine_name, args.results_dir)
+    write_results(folder, rows, f"{setting}\n\n{table}", setting=vars(args), median=median)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
