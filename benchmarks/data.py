@@ -9,11 +9,13 @@ Stages, measured on the same shards:
   read            raw tar read (`iterate_samples`): I/O + tar parsing, the ceiling of them all
   tokenise        captions -> tokens alone, in batches
   decode          JPEG bytes held in memory -> RGB image: PIL vs torchvision.io.decode_image
-  decode+augment  + the train transform: open_clip's on PIL images (what the pipeline uses) vs
-                  the same random crop and normalisation in transforms.v2 on uint8 tensors
-  pipeline        ShardStream batches as the trainer builds them (read, shuffle buffer, decode,
-                  augment, caption pick, tokenise); the torchvision.io row swaps its decoder into
-                  SampleDecoder. Reported as % of the same decoder's decode-only ceiling.
+  decode+augment  + what a worker applies after decoding: open_clip's transform on PIL images
+                  (crop, to float, normalise) vs the trainer's: the same crop in transforms.v2 on
+                  uint8 tensors (cliplite_dist/data/transforms.py; the trainer normalises on the
+                  device, so a worker never does)
+  pipeline        ShardStream batches (read, shuffle block, decode, augment, caption pick,
+                  tokenise); the torchvision.io row is what the trainer runs. Reported as % of the
+                  same decoder's decode-only and decode + augment ceilings.
 
 Shards hold synthetic caption scenes, written once into --cache-dir and reused: 64 px for
 tiny-vit (the tiny-cpu recipe) and 256 px for ViT-B-32 (stored larger than its 224 px crop, as
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import itertools
 import statistics
 import time
@@ -34,10 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from PIL import Image
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
 from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
 from cliplite_dist.data.badsamples import BadDataCounter
@@ -45,6 +43,7 @@ from cliplite_dist.data.pipeline import SampleDecoder, ShardStream
 from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
+from cliplite_dist.data.transforms import decode_pil, decode_uint8, uint8_train_transform
 from cliplite_dist.models import Towers, build_towers
 from common import (add_common_args, entry_point, markdown_table, pyplot, results_folder, run_cells, save_figure,
                     write_results)
@@ -59,8 +58,6 @@ DECODERS = ("PIL", "torchvision.io")
 DECODER_STAGES = ("decode", "decode+augment", "pipeline")
 STAGE_LABELS = {"read": "raw tar read", "tokenise": "tokenise", "decode": "decode",
                 "decode+augment": "decode + augment", "pipeline": "full pipeline"}
-# open_clip train-transform steps that only change the container (PIL -> tensor), not the pixels.
-FORMAT_ONLY = frozenset({"MaybeConvertMode", "MaybeToTensor", "ToTensor"})
 
 
 # ---- shards ------------------------------------------------------------------------------------
@@ -75,58 +72,17 @@ def ensure_shards(cache: Path, image_px: int, num_shards: int) -> list[str]:
 
 
 # ---- the two decoders and their train transforms -----------------------------------------------
-def decode_pil(data: bytes) -> Image.Image:
-    """SampleDecoder's decode: `convert` forces PIL's lazy decode, so the pixels are really there."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+DECODE: dict[str, Callable] = {"PIL": decode_pil, "torchvision.io": decode_uint8}
 
 
-def decode_tensor(data: bytes) -> torch.Tensor:
-    """uint8 CHW via libjpeg-turbo (or libpng ...). bytearray: `torch.frombuffer` warns on
-    read-only bytes, and copying a compressed image costs microseconds."""
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
-DECODE: dict[str, Callable] = {"PIL": decode_pil, "torchvision.io": decode_tensor}
-
-
-def tensor_train_transform(pil_transform: T.Compose) -> v2.Compose:
-    """open_clip's train transform (random resized crop, to float, normalise) rebuilt in
-    transforms.v2 for uint8 tensors. Any step it cannot mirror is refused, so the two decoders are
-    always compared on the same augmentation."""
-    crop = norm = None
-    for step in pil_transform.transforms:
-        if isinstance(step, T.RandomResizedCrop):
-            crop = step
-        elif isinstance(step, T.Normalize):
-            norm = step
-        elif type(step).__name__ not in FORMAT_ONLY:
-            raise ValueError(f"no uint8-tensor equivalent for train-transform step {step!r}")
-    if crop is None or norm is None:
-        raise ValueError(f"expected a RandomResizedCrop and a Normalize in {pil_transform!r}")
-    return v2.Compose([
-        v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio,
-                             interpolation=crop.interpolation, antialias=crop.antialias),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(norm.mean, norm.std),
-    ])
-
-
-class TensorSampleDecoder(SampleDecoder):
-    """SampleDecoder with torchvision.io decoding; caption handling (and the stream around it)
-    stays the pipeline's own, so only the image path differs between the two pipeline rows."""
-
-    def image(self, sample: dict) -> torch.Tensor:
-        for key in self.image_keys:
-            if key in sample:
-                return self.transform(decode_tensor(sample[key]))
-        raise KeyError(f"no image under any of {self.image_keys}")
+def train_transform(decoder: str, pil_transform: T.Compose) -> Callable:
+    """What a worker applies after decoding: open_clip's PIL transform (to normalised floats), or
+    the trainer's uint8 crop (normalisation happens on the training device, not in the worker)."""
+    return pil_transform if decoder == "PIL" else uint8_train_transform(pil_transform)
 
 
 def make_decoder(decoder: str, pil_transform: T.Compose) -> SampleDecoder:
-    if decoder == "PIL":
-        return SampleDecoder(pil_transform, CAPTION_KEY, IMAGE_KEYS)
-    return TensorSampleDecoder(tensor_train_transform(pil_transform), CAPTION_KEY, IMAGE_KEYS)
+    return SampleDecoder(train_transform(decoder, pil_transform), CAPTION_KEY, IMAGE_KEYS, decode=DECODE[decoder])
 
 
 def make_stream(urls: list[str], decoder: SampleDecoder, tokenizer: Callable,
@@ -192,8 +148,7 @@ def stage_runner(cell: dict) -> Callable[[], int]:
     if stage == "decode":
         return lambda: decode_stage(images, DECODE[decoder])
     if stage == "decode+augment":
-        pil = tower.train_transform
-        transform = pil if decoder == "PIL" else tensor_train_transform(pil)
+        transform = train_transform(decoder, tower.train_transform)
         return lambda: augment_stage(images, DECODE[decoder], transform)
     stream = make_stream(list(urls), make_decoder(decoder, tower.train_transform), tower.tokenizer)
     batches = iter(stream)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import tarfile
 import time
-from collections import defaultdict
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -137,3 +136,27 @@ def test_a_rank_with_nothing_to_read_stops_both_ranks(tmp_path):
     assert f"rank {failed[0]} could not read its data" in logs[other]
     assert "skipping bad data (empty_shard)" in logs[failed[0]]
     assert f"exitcode  : {EXIT_BAD_DATA}" in proc.stdout + proc.stderr
+
+
+def test_resampled_run_resumes_with_a_fresh_recorded_seed(tmp_path):
+    import re
+
+    import torch
+
+    corpus = tmp_path / "corpus"
+    write_shards(corpus, 3, 10)
+
+    def train(steps):
+        return run(train_command() + [RECIPE] + tiny_overrides(corpus, tmp_path, **{
+            "data.train": str(corpus), "data.eval": "''", "data.eval_zeroshot": "''", "data.resampled": "true",
+            "data.samples_per_epoch": 200, "data.batch_size": 4, "data.record_keys": "true",
+            "train.steps": steps, "train.checkpoint_every": 0, "model.name": "micro-vit"}))
+
+    assert train(2).returncode == 0
+    resumed = train(4)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    seed = int(re.search(r"data: resampled stream; continuing with fresh data seed (\d+)", resumed.stdout).group(1))
+    run_dir = tmp_path / "t"
+    saved = torch.load(run_dir / "checkpoints" / "step_00000004" / "trainer_state_rank0.pt", weights_only=True)
+    assert saved["data_seed"] == seed != 0  # the seed that drew steps 3-4, recorded beside them
+    assert sorted(step for _, step in keys_by_step(run_dir, 1)) == [1, 2, 3, 4]

@@ -9,9 +9,9 @@ from torchvision import transforms
 
 from cliplite_dist.config import DataConfig
 from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
-from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, make_loader
+from cliplite_dist.data.pipeline import SampleDecoder, ShardStream, make_loader
 from cliplite_dist.data.shards import Corpus
-from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, SlotReader
+from cliplite_dist.data.slots import EmptyStreamError, SlotReader
 from shardkit import jpeg, write_shards
 
 TOKENIZER = open_clip.SimpleTokenizer(context_length=16)
@@ -124,6 +124,18 @@ def test_bad_samples_are_counted_by_kind_and_skipped(tmp_path, caplog):
     assert "skipping bad data (missing_shard)" in caplog.text and missing in caplog.text
 
 
+def test_a_corpus_of_only_bad_samples_fails_fast(tmp_path):
+    path = tmp_path / "allbad-00000.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("x.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    (tmp_path / "empty-00000.tar").write_bytes(b"")
+    shards = [str(path), str(tmp_path / "gone.tar"), str(tmp_path / "empty-00000.tar")]
+    with pytest.raises(EmptyStreamError, match="3 shard.s. in a row .* gave no sample"):
+        next(iter(stream(shards)))
+
+
 def test_caption_from_json_list_is_picked_per_sample(tmp_path):
     urls = write_shards(tmp_path, 1, 4)
     sample = {"json": b'{"captions": ["one", "two", "  "]}', "txt": b"t"}
@@ -153,3 +165,33 @@ def test_synth_cli_writes_a_readable_corpus(tmp_path, capsys):
     assert count_samples(expand_urls(str(tmp_path))) == 25
     with pytest.raises(SystemExit):
         synth_main([str(tmp_path), "--samples", "0"])
+
+
+def test_tar_reader_handles_long_names_pax_gzip_and_damage(tmp_path):
+    import gzip
+
+    from cliplite_dist.data.reader import BrokenTar, tar_members
+
+    long_key = "d/" + "k" * 150  # longer than a ustar name field: pax or GNU headers carry it
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, data in ((f"{long_key}.jpg" if fmt != tarfile.USTAR_FORMAT else "a/b.jpg", b"\x01" * 700),
+                               ("a/b.txt", b"caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        raw = buf.getvalue()
+        for stream in (raw, gzip.compress(raw)):
+            got = list(tar_members(io.BytesIO(stream)))
+            assert [len(d) for _, d in got] == [700, 7] and got[1] == ("a/b.txt", b"caption")
+            assert got[0][0] == (f"{long_key}.jpg" if fmt != tarfile.USTAR_FORMAT else "a/b.jpg")
+        members_end = -(-len(raw.rstrip(b"\0")) // 512) * 512
+        for cut in (1000, 1500, members_end):  # in a member, in a header, before the end blocks
+            with pytest.raises(BrokenTar, match="inside a member|inside a header|without the end"):
+                list(tar_members(io.BytesIO(raw[:cut])))
+        damaged = bytearray(raw)
+        damaged[100] ^= 0xFF  # the first header's mode field
+        with pytest.raises(BrokenTar, match="checksum"):
+            list(tar_members(io.BytesIO(bytes(damaged))))
+    assert list(tar_members(io.BytesIO(b""))) == []

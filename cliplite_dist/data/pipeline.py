@@ -9,7 +9,6 @@ continues its epoch exactly where it stopped, without repeating or skipping a sa
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cliplite_dist.config import DataConfig
@@ -25,6 +23,7 @@ from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
 from cliplite_dist.data.opener import ShardOpener
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.slots import SlotPosition, SlotReader, stable_seed
+from cliplite_dist.data.transforms import decode_pil
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +34,20 @@ class MissingCaption(ValueError):
 
 @dataclass
 class SampleDecoder:
-    """Turns a raw webdataset sample into (image tensor, caption text)."""
+    """Turns a raw webdataset sample into (image tensor, caption text). `decode` turns image bytes
+    into what `transform` takes: a PIL image (evaluation, open_clip's transforms) or a uint8
+    tensor (training: transforms.decode_uint8 with transforms.uint8_train_transform)."""
 
     transform: Callable
     caption_key: str
     image_keys: tuple[str, ...]
     pick_first_caption: bool = False  # evaluation: deterministic caption
+    decode: Callable = decode_pil
 
     def image(self, sample: dict) -> torch.Tensor:
         for key in self.image_keys:
             if key in sample:
-                with Image.open(io.BytesIO(sample[key])) as img:
-                    return self.transform(img.convert("RGB"))
+                return self.transform(self.decode(sample[key]))
         raise KeyError(f"no image under any of {self.image_keys}")
 
     def caption(self, sample: dict, rng: random.Random) -> str:

@@ -1,0 +1,119 @@
+"""Training images as uint8 tensors: decoded by torchvision.io, cropped in uint8, normalised on the
+device.
+
+A data-loader worker's time goes to decoding and augmenting. torchvision.io (libjpeg-turbo) plus
+transforms.v2 on uint8 tensors was 1.8x faster per worker than PIL with open_clip's transforms at
+224 px here (benchmarks/data.py), and a uint8 batch is a quarter of the bytes a float batch puts
+through the workers' shared memory and the host-to-device copy. Scaling to [0, 1] and
+mean/std normalisation then run once per batch on the training device (`DeviceNormalize`).
+The crop mirrors open_clip's train transform exactly (same arguments, interpolation and
+antialiasing); evaluation keeps open_clip's own PIL transforms.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.functional import pil_to_tensor
+
+# open_clip train-transform steps that only change the container (PIL -> tensor), not the pixels.
+FORMAT_ONLY = frozenset({"MaybeConvertMode", "MaybeToTensor", "ToTensor"})
+
+
+def decode_pil(data: bytes) -> Image.Image:
+    """RGB PIL image; `convert` forces PIL's lazy decode, so the pixels are really there."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def decode_uint8(data: bytes) -> torch.Tensor:
+    """uint8 CHW RGB via torchvision.io (JPEG, PNG, WebP, GIF); other formats, and the rare files
+    libjpeg-turbo refuses but PIL reads (CMYK JPEGs, say), through PIL. bytearray: torch.frombuffer
+    warns on read-only bytes, and copying a compressed image costs microseconds."""
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return pil_to_tensor(decode_pil(data))
+
+
+def _crop_and_norm(pil_transform: T.Compose) -> tuple[T.RandomResizedCrop, T.Normalize]:
+    crop = norm = None
+    for step in pil_transform.transforms:
+        if isinstance(step, T.RandomResizedCrop):
+            crop = step
+        elif isinstance(step, T.Normalize):
+            norm = step
+        elif type(step).__name__ not in FORMAT_ONLY:
+            raise ValueError(f"no uint8-tensor equivalent for train-transform step {step!r}")
+    if crop is None or norm is None:
+        raise ValueError(f"expected a RandomResizedCrop and a Normalize in {pil_transform!r}")
+    return crop, norm
+
+
+def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+             rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop: torchvision's algorithm (up to 10 draws of area
+    and log-uniform aspect, then the central crop closest to the ratio range), drawn with Python's
+    RNG. torchvision draws with a handful of tiny torch ops per sample, which cost more than the
+    crop of a 64 px image here."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass(frozen=True)
+class RandomResizedCropUint8:
+    """open_clip's RandomResizedCrop on a uint8 CHW tensor: same box distribution, interpolation
+    and antialiasing (data-loader workers seed Python's RNG per worker, as they do torch's)."""
+
+    size: tuple[int, int]
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    interpolation: v2.InterpolationMode
+    antialias: bool
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, h, w = crop_box(image.shape[-2], image.shape[-1], self.scale, self.ratio, random)
+        return v2.functional.resized_crop(image, top, left, h, w, list(self.size),
+                                          interpolation=self.interpolation, antialias=self.antialias)
+
+
+def uint8_train_transform(pil_transform: T.Compose) -> RandomResizedCropUint8:
+    """open_clip's train transform up to (not including) scaling and normalisation, on uint8
+    tensors. Any step it cannot mirror is refused rather than silently dropped."""
+    crop, _ = _crop_and_norm(pil_transform)
+    return RandomResizedCropUint8(tuple(crop.size), tuple(crop.scale), tuple(crop.ratio), crop.interpolation,
+                                  bool(crop.antialias))
+
+
+class DeviceNormalize:
+    """The rest of the train transform, on a uint8 batch already on the device: to [0, 1], minus
+    mean, over std, in the engine's input dtype (computed in fp32)."""
+
+    def __init__(self, pil_transform: T.Compose, device: torch.device, dtype: torch.dtype):
+        _, norm = _crop_and_norm(pil_transform)
+        self.mean = torch.tensor(norm.mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(norm.std, device=device).view(1, -1, 1, 1) * 255
+        self.dtype = dtype
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images.float() - self.mean) / self.std).to(self.dtype)

@@ -1,0 +1,79 @@
+"""The trainer's image path (torchvision.io decode, uint8 crop, normalisation on the device) gives
+the pixels of open_clip's PIL train transform, and falls back to PIL where torchvision.io cannot
+decode."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from torchvision import transforms as T
+
+from cliplite_dist.config import ModelConfig
+from cliplite_dist.data.synthetic import make_sample
+from cliplite_dist.data.transforms import DeviceNormalize, decode_pil, decode_uint8, uint8_train_transform
+from cliplite_dist.models import build_towers, preprocess_config
+
+
+@pytest.fixture(scope="module")
+def jpegs() -> list[bytes]:
+    return [make_sample(0, "train", i, 64)["jpg"] for i in range(6)]
+
+
+def test_decoders_agree_within_jpeg_tolerance(jpegs):
+    for data in jpegs:
+        pil = np.asarray(decode_pil(data), dtype=np.int16)
+        tensor = decode_uint8(data).permute(1, 2, 0).numpy().astype(np.int16)
+        assert pil.shape == tensor.shape
+        assert np.abs(pil - tensor).max() <= 2  # libjpeg builds may round the IDCT differently
+
+
+def test_formats_torchvision_cannot_decode_go_through_pil():
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 6), (200, 10, 30)).save(buf, format="BMP")
+    image = decode_uint8(buf.getvalue())
+    assert image.dtype == torch.uint8 and image.shape == (3, 6, 10)
+    assert image[:, 0, 0].tolist() == [200, 10, 30]
+
+
+def test_uint8_crop_then_device_normalize_equals_open_clip_train_transform(jpegs):
+    """With scale (1, 1) only a square crop of the whole image fits, so the random part is gone
+    and both paths must give the same normalised pixels: same crop arguments, interpolation,
+    scaling, mean and std."""
+    model_cfg = build_towers(ModelConfig(name="tiny-vit")).model_cfg
+    pil_transform = image_transform_v2(PreprocessCfg(**preprocess_config(model_cfg)), True,
+                                       aug_cfg={"scale": (1.0, 1.0)})
+    crop = uint8_train_transform(pil_transform)
+    normalize = DeviceNormalize(pil_transform, torch.device("cpu"), torch.float32)
+    for data in jpegs[:4]:
+        image = decode_pil(data)  # one decode for both: this test is about the transforms
+        expected = pil_transform(image)
+        got = normalize(crop(torch.from_numpy(np.array(image)).permute(2, 0, 1))[None])[0]
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert DeviceNormalize(pil_transform, torch.device("cpu"), torch.bfloat16)(
+        torch.zeros(1, 3, 4, 4, dtype=torch.uint8)).dtype == torch.bfloat16
+
+
+def test_steps_without_a_uint8_equivalent_are_refused():
+    with pytest.raises(ValueError, match="ColorJitter"):
+        uint8_train_transform(T.Compose([T.RandomResizedCrop(64), T.ColorJitter(0.4), T.Normalize([0.5], [0.5])]))
+
+
+def test_crop_boxes_follow_torchvision_bounds():
+    import random
+
+    from cliplite_dist.data.transforms import crop_box
+
+    rng = random.Random(0)
+    boxes = [crop_box(64, 96, (0.08, 1.0), (3 / 4, 4 / 3), rng) for _ in range(2000)]
+    for top, left, h, w in boxes:
+        assert 0 <= top <= 64 - h and 0 <= left <= 96 - w and h > 0 and w > 0
+    torch.manual_seed(0)
+    theirs = [T.RandomResizedCrop.get_params(torch.zeros(3, 64, 96), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]
+    for stat in (lambda b: b[2] * b[3], lambda b: b[3] / b[2], lambda b: b[0], lambda b: b[1]):  # area, ratio, offsets
+        ours_mean, their_mean = np.mean([stat(b) for b in boxes]), np.mean([stat(b) for b in theirs])
+        assert abs(ours_mean - their_mean) <= 0.05 * their_mean, (ours_mean, their_mean)
+    assert crop_box(64, 64, (1.0, 1.0), (3 / 4, 4 / 3), rng) == (0, 0, 64, 64)
+    assert crop_box(10, 100, (1.0, 1.0), (3 / 4, 4 / 3), rng) == (0, 43, 10, 13)  # central, widest ratio
