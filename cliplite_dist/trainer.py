@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import signal
 import sys
 import time
@@ -128,6 +129,7 @@ class Trainer:
         self.engine_info = build_engine(model, cfg, self.device)
         self.engine = self.engine_info.engine
         torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank randomness from here on
+        random.seed(cfg.train.seed * 1000 + env.rank)  # crop boxes when data.workers=0 (workers seed their own)
 
         urls = [url for corpus in corpora for url in corpus.urls]
         num_samples = cfg.data.samples_per_epoch or cfg.data.num_samples or count_samples(urls)
