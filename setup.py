@@ -22,7 +22,7 @@ setup(
         "webdataset>=1.0",
         "fsspec",
         "aiohttp",  # fsspec's http(s):// shards
-        "s3fs",  # s3:// shards and run directories
+        "s3fs>=2024.2",  # s3:// shards and run directories (older ones predate fsspec's async API)
         "braceexpand",
         "tensorboard",
         "submitit>=1.5",

@@ -266,14 +266,16 @@ class Trainer:
         dist.all_gather_object(worst, self.progress.tally.worst_shards())
         return metrics, too_much_bad_data(totals, sum(worst, Counter()), self.cfg.data.max_bad_fraction)
 
-    def _stop_on_data_error(self, step: int, epoch: int, error: Exception | None, failed_rank: int) -> None:
+    def _stop_on_data_error(self, step: int, epoch: int, error: Exception | None, failed_rank: int,
+                            between_steps: bool) -> None:
         """Every rank: save what was trained (so nothing is lost), then raise; the failing rank
-        raises its own error, the others one that points at it."""
-        if step != self.saved_step:
+        raises its own error, the others one that points at it. Inside an accumulation step
+        nothing is saved: the checkpoint's data positions would skip its micro-batches."""
+        if between_steps and step != self.saved_step:
             self._save(step, epoch)
         if error is None:
             error = EmptyStreamError(f"rank {failed_rank - 1} could not read its data; see its log")
-        log.error("stopping at step %d (checkpoint saved): %s", step, error)
+        log.error("stopping at step %d (newest checkpoint: step %d): %s", step, self.saved_step, error)
         raise error
 
     def close_outputs(self) -> None:
@@ -302,7 +304,7 @@ class Trainer:
             data_wait += time.perf_counter() - fetch_start
             signalled, failed_rank = self.stop.agreed(self.device, failure is not None)
             if failed_rank:
-                self._stop_on_data_error(step, epoch, failure, failed_rank)
+                self._stop_on_data_error(step, epoch, failure, failed_rank, micro % accum == 0)
             if signalled and micro % accum == 0:  # only between optimizer steps
                 stopped = True
                 break
@@ -339,7 +341,7 @@ class Trainer:
                 if self.keys_file is not None:
                     self.keys_file.flush()
                 if bad_data is not None:
-                    self._stop_on_data_error(step, epoch, bad_data, self.env.rank + 1)
+                    self._stop_on_data_error(step, epoch, bad_data, self.env.rank + 1, True)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                 self._evaluate(step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
