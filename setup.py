@@ -33,7 +33,7 @@ setup(
     ],
     extras_require={
         "gcs": ["gcsfs"],  # gs:// shards and run directories
-        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "moto[server]"],  # moto: loopback S3 for tests
+        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "moto[server]", "gcsfs", "gcp-storage-emulator"],  # loopback S3, GCS
     },
     entry_points={
         "console_scripts": [

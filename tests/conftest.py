@@ -49,7 +49,7 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on a free loopback port for the whole session; stopped by pid."""
-    from s3kit import start_s3_server
+    from storekit import start_s3_server
 
     server, proc = start_s3_server()
     try:
@@ -69,3 +69,28 @@ def s3_env(s3_server, monkeypatch):
     fsspec.filesystem("s3").clear_instance_cache()
     yield s3_server
     fsspec.filesystem("s3").clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """gcp-storage-emulator on a free loopback port for the whole session; stopped by pid."""
+    from storekit import start_gcs_server
+
+    server, proc = start_gcs_server()
+    try:
+        yield server
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def gcs_env(gcs_server, monkeypatch):
+    """This test process pointed at the loopback GCS emulator."""
+    import fsspec
+
+    for key, value in gcs_server.env.items():
+        monkeypatch.setenv(key, value)
+    fsspec.filesystem("gs").clear_instance_cache()
+    yield gcs_server
+    fsspec.filesystem("gs").clear_instance_cache()

@@ -86,6 +86,16 @@ def test_s3_shards_read_exactly_like_local_ones(s3_env, s3_corpus, tiny_corpus):
     assert warnings == ["shard s3://corpus/train/train-00003.tar does not exist"]
 
 
+def test_gcs_shards_read_exactly_like_local_ones(gcs_env, tiny_corpus):
+    gcs_env.upload_dir(tiny_corpus / "train", "corpus/train")
+    remote = expand_urls("gs://corpus/train")
+    assert remote == [f"gs://corpus/train/train-0000{i}.tar" for i in range(3)]
+    assert _samples(remote)[0] == _samples(expand_urls(str(tiny_corpus / "train")))[0]
+    assert count_samples(remote) == 600
+    with pytest.raises(ShardError, match="gs://corpsu/train/train-00000.tar does not exist"):
+        resolve_corpora("gs://corpsu/train/train-{00000..00002}.tar", "", 30)
+
+
 @pytest.mark.timeout(300)
 def test_training_streams_shards_from_s3(s3_server, s3_corpus, tiny_corpus, tmp_path):
     proc = run(train_command() + [RECIPE] + tiny_overrides(

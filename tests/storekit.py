@@ -1,0 +1,94 @@
+"""Object-store servers on 127.0.0.1 for tests, started and stopped by pid: S3 (moto's server
+mode, reached through s3fs) and Google Cloud Storage (gcp-storage-emulator, through gcsfs),
+each configured exactly as a run reaches a real bucket: through environment variables."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from runkit import free_port
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    pid: int
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a process needs to talk to this server through s3fs/botocore."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
+                                 client_kwargs={"endpoint_url": self.endpoint})
+
+    def upload_dir(self, local: Path, remote: str) -> None:
+        """Copy every file of `local` to `remote` ("bucket/prefix"), creating the bucket if needed."""
+        fs = self.filesystem()
+        bucket = remote.split("/", 1)[0]
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        for path in sorted(Path(local).iterdir()):
+            if path.is_file():
+                fs.put_file(str(path), f"{remote}/{path.name}")
+
+
+def _serve(command: list[str], probe_path: str) -> tuple[str, subprocess.Popen]:
+    """Start `command` (which takes the port last) on a free loopback port; wait until it answers."""
+    port = free_port()
+    proc = subprocess.Popen(command + [str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{endpoint}{probe_path}", timeout=1).close()
+            return endpoint, proc
+        except urllib.error.HTTPError:  # it answers, if only to say no
+            return endpoint, proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{command[:3]} did not come up on 127.0.0.1")
+
+
+def start_s3_server() -> tuple[S3Server, subprocess.Popen]:
+    endpoint, proc = _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p"], "/moto-api/")
+    return S3Server(endpoint, proc.pid), proc
+
+
+@dataclass
+class GcsServer:
+    endpoint: str
+    pid: int
+
+    @property
+    def env(self) -> dict[str, str]:
+        """gcsfs goes to the emulator (anonymously); its bucket-type probe over gRPC stays off."""
+        return {"STORAGE_EMULATOR_HOST": self.endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+    def upload_dir(self, local: Path, remote: str) -> None:
+        import gcsfs
+
+        fs = gcsfs.GCSFileSystem(endpoint_url=self.endpoint, token="anon", skip_instance_cache=True)
+        bucket = remote.split("/", 1)[0]
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        for path in sorted(Path(local).iterdir()):
+            if path.is_file():
+                fs.put_file(str(path), f"{remote}/{path.name}")
+
+
+def start_gcs_server() -> tuple[GcsServer, subprocess.Popen]:
+    emulator = str(Path(sys.executable).parent / "gcp-storage-emulator")
+    endpoint, proc = _serve([emulator, "start", "--host", "127.0.0.1", "--in-memory", "--port"], "/storage/v1/b")
+    return GcsServer(endpoint, proc.pid), proc
