@@ -24,7 +24,7 @@ from cliplite_dist.config import Config, dump_config
 from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadData, exceeds, fractions,
                                            too_much_bad_data)
 from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, make_loader
-from cliplite_dist.data.shards import ShardError, count_samples, resolve_corpora
+from cliplite_dist.data.shards import ShardError, all_urls, count_samples, resolve_corpora
 from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.data.transforms import DeviceNormalize, decode_uint8, uint8_train_transform
@@ -131,8 +131,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank randomness from here on
         random.seed(cfg.train.seed * 1000 + env.rank)  # crop boxes when data.workers=0 (workers seed their own)
 
-        urls = [url for corpus in corpora for url in corpus.urls]
-        num_samples = cfg.data.samples_per_epoch or cfg.data.num_samples or count_samples(urls)
+        num_samples = cfg.data.samples_per_epoch or cfg.data.num_samples or count_samples(all_urls(corpora))
         self.batches_per_epoch = max(1, num_samples // (cfg.data.batch_size * env.world_size))
         decoder = SampleDecoder(uint8_train_transform(towers.train_transform), cfg.data.caption_key,
                                 tuple(cfg.data.image_keys.split(";")), decode=decode_uint8)

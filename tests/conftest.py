@@ -49,48 +49,30 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on a free loopback port for the whole session; stopped by pid."""
-    from storekit import start_s3_server
+    from storekit import serving, start_s3_server
 
-    server, proc = start_s3_server()
-    try:
-        yield server
-    finally:
-        proc.kill()
-        proc.wait()
+    yield from serving(start_s3_server)
 
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
-    """This test process pointed at the loopback S3 server (fsspec's cached filesystems dropped)."""
-    import fsspec
+    """This test process pointed at the loopback S3 server."""
+    from storekit import pointed_at
 
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    fsspec.filesystem("s3").clear_instance_cache()
-    yield s3_server
-    fsspec.filesystem("s3").clear_instance_cache()
+    yield from pointed_at(s3_server, monkeypatch)
 
 
 @pytest.fixture(scope="session")
 def gcs_server():
     """gcp-storage-emulator on a free loopback port for the whole session; stopped by pid."""
-    from storekit import start_gcs_server
+    from storekit import serving, start_gcs_server
 
-    server, proc = start_gcs_server()
-    try:
-        yield server
-    finally:
-        proc.kill()
-        proc.wait()
+    yield from serving(start_gcs_server)
 
 
 @pytest.fixture
 def gcs_env(gcs_server, monkeypatch):
     """This test process pointed at the loopback GCS emulator."""
-    import fsspec
+    from storekit import pointed_at
 
-    for key, value in gcs_server.env.items():
-        monkeypatch.setenv(key, value)
-    fsspec.filesystem("gs").clear_instance_cache()
-    yield gcs_server
-    fsspec.filesystem("gs").clear_instance_cache()
+    yield from pointed_at(gcs_server, monkeypatch)

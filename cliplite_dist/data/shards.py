@@ -90,9 +90,14 @@ def expand_corpora(spec: str, weights: str = "") -> list[Corpus]:
             for part, weight in zip(split_corpora(spec), parse_weights(weights, spec))]
 
 
+def all_urls(corpora: list[Corpus]) -> list[str]:
+    """Every shard of `corpora`, in order."""
+    return [url for corpus in corpora for url in corpus.urls]
+
+
 def expand_urls(spec: str) -> list[str]:
     """All shard URLs named by `spec`, in order, corpora joined with `::`."""
-    return [url for corpus in expand_corpora(spec) for url in corpus.urls]
+    return all_urls(expand_corpora(spec))
 
 
 def _sidecar_counts(directory: str) -> dict[str, int]:
@@ -215,6 +220,6 @@ def resolve_corpora(spec: str, weights: str, timeout_s: float) -> tuple[list[Cor
     """`expand_corpora` plus `check_reachable`, bounded by `timeout_s`: (corpora, warnings)."""
     def resolve():
         corpora = expand_corpora(spec, weights)
-        return corpora, check_reachable([url for corpus in corpora for url in corpus.urls])
+        return corpora, check_reachable(all_urls(corpora))
 
     return _within(timeout_s, f"listing and looking up the shards of {spec!r}", resolve)

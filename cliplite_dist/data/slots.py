@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from cliplite_dist.data.badsamples import BadDataCounter
 from cliplite_dist.data.reader import read_shard
-from cliplite_dist.data.shards import Corpus, SlotShare, share_for_slot
+from cliplite_dist.data.shards import Corpus, SlotShare, all_urls, share_for_slot
 
 
 class EmptyStreamError(RuntimeError):
@@ -57,7 +57,7 @@ class SlotReader:
         self.corpora, self.resampled, self.block_size = corpora, resampled, max(1, block_size)
         self.seed, self.epoch, self.slot, self.num_slots = seed, epoch, slot, num_slots
         self.counter, self.opener = counter, opener
-        self.urls = [url for corpus in corpora for url in corpus.urls]
+        self.urls = all_urls(corpora)
 
     def share(self, pass_index: int) -> SlotShare:
         if self.resampled:
