@@ -1,4 +1,5 @@
-"""Data pipeline samples/s per worker against its ceilings, for PIL and torchvision.io decoding.
+"""Data pipeline samples/s per worker against its ceilings, for PIL and torchvision.io decoding,
+with the crop resized in the worker or left to the training device.
 
 A data-loader worker is one process running one intra-op thread (`pipeline._worker_init`), so
 every cell runs in a single process at one thread, without DataLoader workers: samples/s here is
@@ -7,19 +8,25 @@ jobs on a shared machine do not skew them) and per wall second, with the CPU sha
 Stages, measured on the same shards:
 
   read            raw tar read (`iterate_samples`): I/O + tar parsing, the ceiling of them all
-  tokenise        captions -> tokens alone, in batches
+  tokenise        captions -> tokens alone, in batches: open_clip's tokenizer vs the trainer's
+                  BatchTokenizer (cliplite_dist/data/tokens.py: the same ids)
   decode          JPEG bytes held in memory -> RGB image: PIL vs torchvision.io.decode_image
   decode+augment  + what a worker applies after decoding: open_clip's transform on PIL images
                   (crop, to float, normalise) vs the trainer's: the same crop in transforms.v2 on
                   uint8 tensors (cliplite_dist/data/transforms.py; the trainer normalises on the
-                  device, so a worker never does)
+                  device, so a worker never does), resized in the worker (resize "worker", the
+                  CPU default) or only cut out (resize "device", data.resize_on=device, the CUDA
+                  default)
   pipeline        ShardStream batches (read, shuffle block, decode, augment, caption pick,
-                  tokenise); the torchvision.io row is what the trainer runs. Reported as % of the
-                  same decoder's decode-only and decode + augment ceilings.
+                  tokenise, batch); the torchvision.io rows are what the trainer runs. Reported as %
+                  of the decoder's decode-only ceiling and of decode + augment.
+  device resize   what resize "device" leaves to the training device (resize every crop of a
+                  batch + normalise), timed on this machine's CPU at one thread: the reason CPU
+                  runs resize in the workers instead (a GPU does it in well under a millisecond)
 
 Shards hold synthetic caption scenes, written once into --cache-dir and reused: 64 px for
-tiny-vit (the tiny-cpu recipe) and 256 px for ViT-B-32 (stored larger than its 224 px crop, as
-web corpora are), because decode cost grows with pixels.
+tiny-vit (the tiny-cpu recipe), 256 px (img2dataset's default size) and 512 px for ViT-B-32
+(stored larger than its 224 px crop, as web corpora are), because decode cost grows with pixels.
 
     python benchmarks/data.py --machine-name NAME           # 2000 samples per size, 5 passes
     python benchmarks/data.py --quick --machine-name NAME   # 500 samples per size, 3 passes
@@ -43,21 +50,29 @@ from cliplite_dist.data.pipeline import SampleDecoder, ShardStream
 from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
-from cliplite_dist.data.transforms import decode_pil, decode_uint8, uint8_train_transform
+from cliplite_dist.data.tokens import BatchTokenizer
+from cliplite_dist.data.imagebatch import collate_images
+from cliplite_dist.data.transforms import DeviceTransform, decode_pil, decode_uint8, uint8_train_transform
 from cliplite_dist.models import Towers, build_towers
 from common import (add_common_args, entry_point, markdown_table, pyplot, results_folder, run_cells, save_figure,
                     write_results)
 
-MODELS = {"tiny-vit": 64, "ViT-B-32": 256}  # model -> side of the stored JPEGs (px)
+SETS = (("tiny-vit", 64), ("ViT-B-32", 256), ("ViT-B-32", 512))  # (model, side of the stored JPEGs in px)
 SHARD_SIZE, FULL_SHARDS, QUICK_SHARDS = 500, 4, 1
 FULL_REPEATS, QUICK_REPEATS = 5, 3
 BATCH_SIZE, SHUFFLE_BUFFER = 64, 1000  # the tiny-cpu recipe's loader
 CAPTION_KEY = "json:captions"
 IMAGE_KEYS = tuple(DataConfig().image_keys.split(";"))
 DECODERS = ("PIL", "torchvision.io")
-DECODER_STAGES = ("decode", "decode+augment", "pipeline")
+# (stage, decoder, where the crop is resized) per set of shards, in table order
+STAGES = (("read", "-", "-"), ("tokenise", "open_clip", "-"), ("tokenise", "ours", "-"), ("decode", "PIL", "-"), ("decode", "torchvision.io", "-"),
+          ("decode+augment", "PIL", "worker"), ("decode+augment", "torchvision.io", "worker"),
+          ("decode+augment", "torchvision.io", "device"), ("pipeline", "PIL", "worker"),
+          ("pipeline", "torchvision.io", "worker"), ("pipeline", "torchvision.io", "device"),
+          ("device resize", "torchvision.io", "device"))
 STAGE_LABELS = {"read": "raw tar read", "tokenise": "tokenise", "decode": "decode",
-                "decode+augment": "decode + augment", "pipeline": "full pipeline"}
+                "decode+augment": "decode + augment", "pipeline": "full pipeline",
+                "device resize": "device resize + normalise (CPU)"}
 
 
 # ---- shards ------------------------------------------------------------------------------------
@@ -75,14 +90,15 @@ def ensure_shards(cache: Path, image_px: int, num_shards: int) -> list[str]:
 DECODE: dict[str, Callable] = {"PIL": decode_pil, "torchvision.io": decode_uint8}
 
 
-def train_transform(decoder: str, pil_transform: T.Compose) -> Callable:
+def train_transform(decoder: str, pil_transform: T.Compose, resize: str = "worker") -> Callable:
     """What a worker applies after decoding: open_clip's PIL transform (to normalised floats), or
-    the trainer's uint8 crop (normalisation happens on the training device, not in the worker)."""
-    return pil_transform if decoder == "PIL" else uint8_train_transform(pil_transform)
+    the trainer's uint8 crop, resized or not (normalisation happens on the training device)."""
+    return pil_transform if decoder == "PIL" else uint8_train_transform(pil_transform, resize=resize == "worker")
 
 
-def make_decoder(decoder: str, pil_transform: T.Compose) -> SampleDecoder:
-    return SampleDecoder(train_transform(decoder, pil_transform), CAPTION_KEY, IMAGE_KEYS, decode=DECODE[decoder])
+def make_decoder(decoder: str, pil_transform: T.Compose, resize: str = "worker") -> SampleDecoder:
+    return SampleDecoder(train_transform(decoder, pil_transform, resize), CAPTION_KEY, IMAGE_KEYS,
+                         decode=DECODE[decoder])
 
 
 def make_stream(urls: list[str], decoder: SampleDecoder, tokenizer: Callable,
@@ -113,6 +129,11 @@ def tokenise_stage(captions: list[str], tokenizer: Callable, batch_size: int = B
     return sum(len(tokenizer(captions[i:i + batch_size])) for i in range(0, len(captions), batch_size))
 
 
+def device_stage(crops: list, transform: DeviceTransform) -> int:
+    """Resize and normalise batches of unresized crops as the training device would."""
+    return sum(len(transform(batch)) for batch in crops)
+
+
 def pipeline_stage(batches: Iterator[tuple], count: int) -> int:
     """Images in the next `count` batches of a running stream: the steady state of a worker, one
     read per decoded sample (filling the shuffle buffer happens once per epoch, not per pass)."""
@@ -140,17 +161,24 @@ def stage_runner(cell: dict) -> Callable[[], int]:
     urls = tuple(cell["urls"])
     images, captions = load_shards(urls)
     tower = towers(cell["model"])
-    stage, decoder = cell["stage"], cell["decoder"]
+    stage, decoder, resize = cell["stage"], cell["decoder"], cell["resize"]
+    tokenizer = BatchTokenizer(tower.tokenizer)  # what the trainer's stream tokenises with
     if stage == "read":
         return lambda: read_stage(urls)
     if stage == "tokenise":
-        return lambda: tokenise_stage(captions, tower.tokenizer)
+        return lambda: tokenise_stage(captions, tower.tokenizer if decoder == "open_clip" else tokenizer)
     if stage == "decode":
         return lambda: decode_stage(images, DECODE[decoder])
     if stage == "decode+augment":
-        transform = train_transform(decoder, tower.train_transform)
+        transform = train_transform(decoder, tower.train_transform, resize)
         return lambda: augment_stage(images, DECODE[decoder], transform)
-    stream = make_stream(list(urls), make_decoder(decoder, tower.train_transform), tower.tokenizer)
+    if stage == "device resize":
+        crop = train_transform(decoder, tower.train_transform, resize)
+        crops = [collate_images([crop(decode_uint8(data)) for data in images[i:i + BATCH_SIZE]])
+                 for i in range(0, len(images), BATCH_SIZE)]
+        transform = DeviceTransform(tower.train_transform, torch.device("cpu"), torch.float32)
+        return lambda: device_stage(crops, transform)
+    stream = make_stream(list(urls), make_decoder(decoder, tower.train_transform, resize), tokenizer)
     batches = iter(stream)
     return lambda: pipeline_stage(batches, len(images) // BATCH_SIZE)
 
@@ -176,7 +204,7 @@ def measure(cell: dict) -> dict:
     samples = run()
     wall, cpu = timed_passes(run, cell["repeats"])
     return {"model": cell["model"], "image_px": cell["image_px"], "stage": cell["stage"],
-            "decoder": cell["decoder"], "samples": samples, "repeats": cell["repeats"],
+            "decoder": cell["decoder"], "resize": cell["resize"], "samples": samples, "repeats": cell["repeats"],
             "samples_per_cpu_s": round(samples / cpu, 1), "samples_per_s": round(samples / wall, 1),
             "cpu_share": round(cpu / wall, 2)}
 
@@ -184,42 +212,56 @@ def measure(cell: dict) -> dict:
 # ---- the grid and the report -------------------------------------------------------------------
 def build_cells(args: argparse.Namespace) -> list[dict]:
     cells = []
-    for model, image_px in MODELS.items():
+    for model, image_px in SETS:
         num_shards = QUICK_SHARDS if args.quick else FULL_SHARDS
         urls = ensure_shards(Path(args.cache_dir), image_px, num_shards)
         base = {"model": model, "image_px": image_px, "urls": urls,
                 "repeats": QUICK_REPEATS if args.quick else FULL_REPEATS}
-        cells += [{**base, "stage": stage, "decoder": "-"} for stage in ("read", "tokenise")]
-        cells += [{**base, "stage": stage, "decoder": decoder}
-                  for stage in DECODER_STAGES for decoder in DECODERS]
+        cells += [{**base, "stage": stage, "decoder": decoder, "resize": resize} for stage, decoder, resize in STAGES]
     return cells
 
 
+def _rates(rows: list[dict]) -> dict[tuple, float]:
+    return {(r["model"], r["image_px"], r["stage"], r["decoder"], r["resize"]): r["samples_per_cpu_s"] for r in rows}
+
+
 def add_ceiling(rows: list[dict]) -> list[dict]:
-    """Each pipeline row's rate as % of its decoder's decode-only ceiling on the same model, and
-    of decode+augment (the rest of the gap is reading, tokenising and batching), per CPU-second,
-    which contention from other jobs does not skew."""
-    rate = {(r["model"], r["stage"], r["decoder"]): r["samples_per_cpu_s"] for r in rows}
+    """Each pipeline row's rate as % of its decoder's decode-only ceiling on the same shards, and
+    of its decode+augment (the rest of the gap is reading, tokenising and batching), per
+    CPU-second, which contention from other jobs does not skew."""
+    rate = _rates(rows)
 
-    def pct(row: dict, stage: str) -> float:
-        return round(100 * row["samples_per_cpu_s"] / rate[row["model"], stage, row["decoder"]], 1)
+    def pct(row: dict, stage: str, resize: str) -> float:
+        ceiling = rate[row["model"], row["image_px"], stage, row["decoder"], resize]
+        return round(100 * row["samples_per_cpu_s"] / ceiling, 1)
 
-    return [{**r, "pct_of_decode": pct(r, "decode"), "pct_of_augment": pct(r, "decode+augment")}
+    return [{**r, "pct_of_decode": pct(r, "decode", "-"), "pct_of_augment": pct(r, "decode+augment", r["resize"])}
             if r["stage"] == "pipeline" else r for r in rows]
 
 
 def speedups(rows: list[dict]) -> list[list]:
-    """torchvision.io ÷ PIL samples per CPU-second, per model and decoder-dependent stage."""
-    rate = {(r["model"], r["stage"], r["decoder"]): r["samples_per_cpu_s"] for r in rows}
-    return [[model, STAGE_LABELS[stage],
-             f"{rate[model, stage, 'torchvision.io'] / rate[model, stage, 'PIL']:.2f}x"]
-            for model in MODELS for stage in DECODER_STAGES]
+    """Per set of shards: torchvision.io ÷ PIL (crop resized in the worker) for each stage after
+    reading, and the full pipeline with the resize left to the device ÷ in the worker."""
+    rate = _rates(rows)
+    out = []
+    for model, px in SETS:
+        def ratio(a: tuple, b: tuple) -> str:
+            return f"{rate[(model, px, *a)] / rate[(model, px, *b)]:.2f}x"
+
+        out += [[model, px, f"{STAGE_LABELS[stage]}: torchvision.io ÷ PIL",
+                 ratio((stage, "torchvision.io", resize), (stage, "PIL", resize))]
+                for stage, resize in (("decode", "-"), ("decode+augment", "worker"), ("pipeline", "worker"))]
+        out.append([model, px, "tokenise: ours ÷ open_clip",
+                    ratio(("tokenise", "ours", "-"), ("tokenise", "open_clip", "-"))])
+        out.append([model, px, "full pipeline: resize on device ÷ in worker",
+                    ratio(("pipeline", "torchvision.io", "device"), ("pipeline", "torchvision.io", "worker"))])
+    return out
 
 
 def _table_row(row: dict) -> list:
     pcts = ([f"{row['pct_of_decode']:.0f}%", f"{row['pct_of_augment']:.0f}%"]
             if "pct_of_decode" in row else ["", ""])
-    return [row["model"], row["image_px"], STAGE_LABELS[row["stage"]], row["decoder"],
+    return [row["model"], row["image_px"], STAGE_LABELS[row["stage"]], row["decoder"], row["resize"],
             f"{row['samples_per_cpu_s']:.0f}", f"{row['samples_per_s']:.0f}", f"{row['cpu_share']:.2f}", *pcts]
 
 
@@ -229,12 +271,13 @@ def render_markdown(rows: list[dict]) -> str:
              f"passes over {first['samples']} samples (pipeline: whole batches of {BATCH_SIZE}, "
              f"shuffle buffer {SHUFFLE_BUFFER}). samples/CPU-s is a worker's rate with a core to "
              "itself; wall samples/s is what this run saw, CPU share = CPU / wall (below 1: other "
-             "jobs took the core). Full pipeline as % of decode only and of decode + augment, same "
-             "decoder, per CPU-s.")
+             "jobs took the core). resize: where the crop is resized (data.resize_on). Full "
+             "pipeline as % of the same decoder's decode only and of its decode + augment, per "
+             "CPU-s. The device resize row is the training device's work, not a worker's.")
     table = markdown_table(
-        ["model", "image px", "stage", "decoder", "samples/CPU-s", "wall samples/s", "CPU share",
+        ["model", "image px", "stage", "decoder / tokenizer", "resize", "samples/CPU-s", "wall samples/s", "CPU share",
          "% of decode", "% of decode + augment"], [_table_row(r) for r in rows])
-    ratio = markdown_table(["model", "stage", "torchvision.io ÷ PIL"], speedups(rows))
+    ratio = markdown_table(["model", "image px", "comparison", "ratio"], speedups(rows))
     return f"{intro}\n\n{table}\n\n{ratio}\n"
 
 
@@ -242,22 +285,24 @@ def plot(rows: list[dict], path: Path) -> None:
     """Horizontal bars per model, log scale: the stages span more than an order of magnitude."""
     plt = pyplot()
 
-    colours = {"PIL": "tab:blue", "torchvision.io": "tab:orange", "-": "tab:grey"}
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        mine = [r for r in rows if r["model"] == model]
+    colours = {("open_clip", "-"): "tab:blue", ("ours", "-"): "tab:orange", ("PIL", "worker"): "tab:blue", ("PIL", "-"): "tab:blue", ("torchvision.io", "worker"): "tab:orange",
+               ("torchvision.io", "-"): "tab:orange", ("torchvision.io", "device"): "tab:green", ("-", "-"): "tab:grey"}
+    sets = list(dict.fromkeys((r["model"], r["image_px"]) for r in rows))
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.5), squeeze=False)
+    for ax, (model, px) in zip(axes[0], sets):
+        mine = [r for r in rows if (r["model"], r["image_px"]) == (model, px)]
         bars = ax.barh(range(len(mine)), [r["samples_per_cpu_s"] for r in mine],
-                       color=[colours[r["decoder"]] for r in mine])
+                       color=[colours[r["decoder"], r["resize"]] for r in mine])
         ax.bar_label(bars, labels=[f"{r['samples_per_cpu_s']:.0f}" for r in mine], padding=2, fontsize=7)
-        labels = [STAGE_LABELS[r["stage"]] + ("" if r["decoder"] == "-" else f" · {r['decoder']}") for r in mine]
+        labels = [STAGE_LABELS[r["stage"]] + ("" if r["decoder"] == "-" else f" · {r['decoder']}")
+                  + (f" · resize on {r['resize']}" if r["resize"] != "-" else "") for r in mine]
         ax.set_yticks(range(len(mine)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
         # a fixed base keeps bar lengths comparable between panels; headroom for the labels
         ax.set_xlim(10, 3 * max(r["samples_per_cpu_s"] for r in mine))
         ax.set_xlabel("samples per CPU-second, one worker (log scale)")
-        ax.set_title(f"{model} ({mine[0]['image_px']} px JPEGs)")
+        ax.set_title(f"{model} ({px} px JPEGs)")
     save_figure(fig, path)
 
 

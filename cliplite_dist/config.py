@@ -83,6 +83,10 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples per shuffle block of each reader (0 or 1: no shuffling)
     caption_key: str = "txt"  # "txt", or "json:FIELD" (a string or a list: one is picked per step)
     image_keys: str = "jpg;jpeg;png;webp"
+    # Where a training crop is resized to the model's input: "worker" (data-loader workers, on
+    # CPU), "device" (workers only decode and crop; the training device resizes), "auto" (device
+    # when training on CUDA). Resizing is a third of a worker's time per 256 px image.
+    resize_on: str = "auto"
     allow_pipe: bool = False  # pipe:COMMAND shard URLs run shell commands: only when the recipe says so
     train_weights: str = ""  # resampled mixing: one weight per `::` corpus of data.train, e.g. "1;3"
     cache_dir: str = ""  # keep remote shards here after their first complete read (node-local disk)
@@ -187,6 +191,7 @@ CHOICES: dict[str, tuple] = {
     "objective.name": ("cliplite", "infonce"),
     "objective.head": ("mlp", "linear"),
     "objective.negatives": ("shift", "random", "hard", "cross_rank"),
+    "data.resize_on": ("auto", "worker", "device"),
     "optim.name": ("adamw", "sgd"),
     "engine.device": ("auto", "cpu", "cuda"),
     "engine.precision": ("auto", "fp32", "bf16", "fp16"),

@@ -27,7 +27,8 @@ from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream
 from cliplite_dist.data.shards import ShardError, all_urls, count_samples, resolve_corpora
 from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
 from cliplite_dist.data.synthetic import ensure_corpus
-from cliplite_dist.data.transforms import DeviceNormalize, decode_uint8, uint8_train_transform
+from cliplite_dist.data.tokens import BatchTokenizer
+from cliplite_dist.data.transforms import DeviceTransform, decode_uint8, uint8_train_transform
 from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
 from cliplite_dist.engine import build_engine, lr_factor, set_lr
 from cliplite_dist.evaluate import tasks
@@ -133,10 +134,12 @@ class Trainer:
 
         num_samples = cfg.data.samples_per_epoch or cfg.data.num_samples or count_samples(all_urls(corpora))
         self.batches_per_epoch = max(1, num_samples // (cfg.data.batch_size * env.world_size))
-        decoder = SampleDecoder(uint8_train_transform(towers.train_transform), cfg.data.caption_key,
-                                tuple(cfg.data.image_keys.split(";")), decode=decode_uint8)
-        self.normalize = DeviceNormalize(towers.train_transform, self.device, self.engine_info.input_dtype)
-        self.stream = ShardStream(corpora, cfg.data, decoder, towers.tokenizer, env.rank,
+        resize_in_worker = cfg.data.resize_on == "worker" or (cfg.data.resize_on == "auto"
+                                                              and self.device.type != "cuda")
+        decoder = SampleDecoder(uint8_train_transform(towers.train_transform, resize=resize_in_worker),
+                                cfg.data.caption_key, tuple(cfg.data.image_keys.split(";")), decode=decode_uint8)
+        self.image_transform = DeviceTransform(towers.train_transform, self.device, self.engine_info.input_dtype)
+        self.stream = ShardStream(corpora, cfg.data, decoder, BatchTokenizer(towers.tokenizer), env.rank,
                                   env.world_size, cfg.train.seed)
         self.loader = make_loader(self.stream, cfg.data.workers, pin_memory=self.device.type == "cuda")
         self.progress = DataProgress(max(1, cfg.data.workers), env.world_size)
@@ -311,7 +314,7 @@ class Trainer:
             self.progress.update(info)
             if self.keys_file is not None:
                 self.keys_file.write(json.dumps({"step": step + 1, "keys": info.keys}) + "\n")
-            out = engine(self.normalize(images.to(self.device, non_blocking=True)),
+            out = engine(self.image_transform(images.to(self.device, non_blocking=True)),
                          tokens.to(self.device, non_blocking=True))
             engine.backward(out.loss)
             micro += 1

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import data as bench  # noqa: E402  (benchmarks/data.py)
 
+from cliplite_dist.data.imagebatch import RaggedImages  # noqa: E402
 from cliplite_dist.data.synthetic import write_corpus  # noqa: E402
 
 NUM_SAMPLES = 24
@@ -31,12 +32,16 @@ def test_every_stage_processes_each_sample_once(shard, tiny):
     assert len(images) == len(captions) == NUM_SAMPLES
     assert bench.read_stage(shard) == NUM_SAMPLES
     assert bench.tokenise_stage(captions, tiny.tokenizer, batch_size=5) == NUM_SAMPLES  # ragged end
-    for name, decode in bench.DECODE.items():
-        pil = tiny.train_transform
-        transform = bench.train_transform(name, pil)
-        assert bench.decode_stage(images, decode) == NUM_SAMPLES
-        assert bench.augment_stage(images, decode, transform) == NUM_SAMPLES
-        stream = bench.make_stream(shard, bench.make_decoder(name, pil), tiny.tokenizer, batch_size=8)
+    for stage, decoder, resize in bench.STAGES:
+        if stage == "read":
+            continue
+        cell = {"urls": shard, "model": "tiny-vit", "stage": stage, "decoder": decoder, "resize": resize}
+        run = bench.stage_runner(cell)
+        # pipeline: NUM_SAMPLES // 64 = 0 whole batches of the benchmark's size from a 24-sample shard
+        assert run() == (0 if stage == "pipeline" else NUM_SAMPLES), cell
+    for decoder, resize in (("PIL", "worker"), ("torchvision.io", "worker"), ("torchvision.io", "device")):
+        stream = bench.make_stream(shard, bench.make_decoder(decoder, tiny.train_transform, resize), tiny.tokenizer,
+                                   batch_size=8)
         assert bench.pipeline_stage(iter(stream), NUM_SAMPLES // 8) == NUM_SAMPLES
 
 
@@ -49,3 +54,33 @@ def test_pipeline_batches_are_what_the_trainer_gets(shard, tiny, decoder):
     assert images.dtype == (torch.float32 if decoder == "PIL" else torch.uint8)  # uint8: normalised on the device
     assert tokens.shape == (8, 32)
     assert not any(info.bad["counts"].values()) and info.bad["good"] >= 8
+
+
+def test_resize_on_device_batches_carry_unresized_crops(shard, tiny):
+    stream = bench.make_stream(shard, bench.make_decoder("torchvision.io", tiny.train_transform, "device"),
+                               tiny.tokenizer, batch_size=8)
+    crops, tokens, _ = next(iter(stream))
+    assert isinstance(crops, RaggedImages) and len(crops) == 8 and tokens.shape == (8, 32)
+    assert all(h <= 64 and w <= 64 and c == 3 for h, w, c in crops.shapes)  # 64 px shards, crop scale <= 1
+
+
+def test_ceilings_and_ratios_are_taken_from_the_matching_rows():
+    rates = {("read", "-", "-"): 100, ("tokenise", "open_clip", "-"): 100, ("tokenise", "ours", "-"): 300, ("decode", "PIL", "-"): 50,
+             ("decode", "torchvision.io", "-"): 80, ("decode+augment", "PIL", "worker"): 20,
+             ("decode+augment", "torchvision.io", "worker"): 40, ("decode+augment", "torchvision.io", "device"): 70,
+             ("pipeline", "PIL", "worker"): 10, ("pipeline", "torchvision.io", "worker"): 30,
+             ("pipeline", "torchvision.io", "device"): 60, ("device resize", "torchvision.io", "device"): 5}
+    rows = [{"model": model, "image_px": px, "stage": stage, "decoder": decoder, "resize": resize,
+             "samples_per_cpu_s": rates[stage, decoder, resize] * px, "samples_per_s": 1, "cpu_share": 1.0,
+             "samples": 64, "repeats": 1}
+            for model, px in bench.SETS for stage, decoder, resize in bench.STAGES]
+    rows = bench.add_ceiling(rows)
+    device = next(r for r in rows if r["stage"] == "pipeline" and r["resize"] == "device")
+    assert (device["pct_of_decode"], device["pct_of_augment"]) == (75.0, round(100 * 60 / 70, 1))
+    pil = next(r for r in rows if r["stage"] == "pipeline" and r["decoder"] == "PIL")
+    assert (pil["pct_of_decode"], pil["pct_of_augment"]) == (20.0, 50.0)
+    ratios = {(row[1], row[2]): row[3] for row in bench.speedups(rows)}
+    assert ratios[256, "decode: torchvision.io ÷ PIL"] == "1.60x"
+    assert ratios[512, "full pipeline: resize on device ÷ in worker"] == "2.00x"
+    assert ratios[64, "tokenise: ours ÷ open_clip"] == "3.00x"
+    assert "| 75% | 86% |" in bench.render_markdown(rows)

@@ -11,11 +11,14 @@ EXIT_INTERRUPTED = 75
 
 
 def test_single_process_run_logs_checkpoints_and_evaluates(tiny_corpus, tmp_path):
-    proc = run(train_command() + [RECIPE] + tiny_overrides(tiny_corpus, tmp_path))
+    # resize_on=device: the loader worker sends unresized crops (the CUDA default); the other
+    # runs in the suite resize in the worker (the CPU default)
+    proc = run(train_command() + [RECIPE] + tiny_overrides(tiny_corpus, tmp_path, **{"data.resize_on": "device"}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "t"
     assert "held-out retrieval R@1 =" in proc.stdout and "chance 0.0156" in proc.stdout
     assert (run_dir / "config.yaml").read_text().count("batch_size: 8") == 1
+    assert "resize_on: device" in (run_dir / "config.yaml").read_text()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
         ["latest", "step_00000003", "step_00000006"]
     events = EventAccumulator(str(run_dir / "tensorboard"))

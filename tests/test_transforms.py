@@ -1,7 +1,8 @@
 """The trainer's image path (torchvision.io decode, uint8 crop, normalisation on the device) gives
 the pixels of open_clip's PIL train transform, and falls back to PIL where torchvision.io cannot
-decode."""
+decode; crops resized on the device match those resized in the worker."""
 import io
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from torchvision import transforms as T
 
 from cliplite_dist.config import ModelConfig
 from cliplite_dist.data.synthetic import make_sample
-from cliplite_dist.data.transforms import DeviceNormalize, decode_pil, decode_uint8, uint8_train_transform
+from cliplite_dist.data.imagebatch import RaggedImages, collate_images
+from cliplite_dist.data.transforms import DeviceTransform, crop_box, decode_pil, decode_uint8, uint8_train_transform
 from cliplite_dist.models import build_towers, preprocess_config
 
 
@@ -45,14 +47,14 @@ def test_uint8_crop_then_device_normalize_equals_open_clip_train_transform(jpegs
     pil_transform = image_transform_v2(PreprocessCfg(**preprocess_config(model_cfg)), True,
                                        aug_cfg={"scale": (1.0, 1.0)})
     crop = uint8_train_transform(pil_transform)
-    normalize = DeviceNormalize(pil_transform, torch.device("cpu"), torch.float32)
+    normalize = DeviceTransform(pil_transform, torch.device("cpu"), torch.float32)
     for data in jpegs[:4]:
         image = decode_pil(data)  # one decode for both: this test is about the transforms
         expected = pil_transform(image)
         got = normalize(crop(torch.from_numpy(np.array(image)).permute(2, 0, 1))[None])[0]
         assert got.dtype == expected.dtype and got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert DeviceNormalize(pil_transform, torch.device("cpu"), torch.bfloat16)(
+    assert DeviceTransform(pil_transform, torch.device("cpu"), torch.bfloat16)(
         torch.zeros(1, 3, 4, 4, dtype=torch.uint8)).dtype == torch.bfloat16
 
 
@@ -62,10 +64,6 @@ def test_steps_without_a_uint8_equivalent_are_refused():
 
 
 def test_crop_boxes_follow_torchvision_bounds():
-    import random
-
-    from cliplite_dist.data.transforms import crop_box
-
     rng = random.Random(0)
     boxes = [crop_box(64, 96, (0.08, 1.0), (3 / 4, 4 / 3), rng) for _ in range(2000)]
     for top, left, h, w in boxes:
@@ -77,3 +75,58 @@ def test_crop_boxes_follow_torchvision_bounds():
         assert abs(ours_mean - their_mean) <= 0.05 * their_mean, (ours_mean, their_mean)
     assert crop_box(64, 64, (1.0, 1.0), (3 / 4, 4 / 3), rng) == (0, 0, 64, 64)
     assert crop_box(10, 100, (1.0, 1.0), (3 / 4, 4 / 3), rng) == (0, 43, 10, 13)  # central, widest ratio
+
+
+@pytest.fixture(scope="module")
+def tiny_train_transform() -> T.Compose:
+    return build_towers(ModelConfig(name="tiny-vit")).train_transform  # 64 px, bicubic, antialiased
+
+
+def test_crops_resized_on_the_device_match_the_workers_resize(jpegs, tiny_train_transform):
+    """Same boxes both ways: the uint8 resize in the worker and the float32 one on the device
+    differ only by the worker's fixed-point arithmetic and rounding to whole grey levels."""
+    worker = uint8_train_transform(tiny_train_transform)
+    unresized = uint8_train_transform(tiny_train_transform, resize=False)
+    images = [decode_uint8(data) for data in jpegs]
+    random.seed(3)
+    resized = collate_images([worker(image) for image in images])
+    random.seed(3)
+    crops = collate_images([unresized(image) for image in images])
+    assert isinstance(crops, RaggedImages) and len({shape for shape in crops.shapes}) > 1  # scale (0.9, 1)
+    device = DeviceTransform(tiny_train_transform, torch.device("cpu"), torch.float32)
+    on_device = device.resize(crops)
+    assert on_device.shape == resized.shape == (len(images), 3, 64, 64)
+    assert 0 <= on_device.min() and on_device.max() <= 255
+    difference = (on_device - resized.float()).abs()
+    assert difference.max() <= 1.5 and difference.mean() <= 0.3, (difference.max(), difference.mean())
+    torch.testing.assert_close(device(crops), device(resized), atol=1.5 / (255 * 0.26), rtol=0)
+
+
+def test_unresized_crops_of_one_size_are_resized_too(tiny_train_transform):
+    crops = torch.randint(0, 256, (2, 3, 50, 40), dtype=torch.uint8)
+    device = DeviceTransform(tiny_train_transform, torch.device("cpu"), torch.float32)
+    assert device(crops).shape == (2, 3, 64, 64)
+
+
+def test_batches_keep_the_memory_layout_and_ragged_crops_round_trip(jpegs):
+    decoded = [decode_uint8(data) for data in jpegs[:3]]  # CHW views of HWC memory
+    nhwc = collate_images(decoded)
+    assert nhwc.shape == (3, 3, 64, 64) and nhwc.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, torch.stack(decoded), rtol=0, atol=0)
+    planar = [image.contiguous() for image in decoded]
+    assert collate_images(planar).is_contiguous()
+    crops = [decoded[0][:, :10, :20], decoded[1][:, 5:30, 3:9], decoded[2]]
+    ragged = collate_images(crops)
+    assert isinstance(ragged, RaggedImages) and len(ragged) == 3
+    assert ragged.shapes == ((10, 20, 3), (25, 6, 3), (64, 64, 3))
+    assert ragged.pixels.numel() == sum(crop.numel() for crop in crops)
+    for got, expected in zip(ragged.to(torch.device("cpu")).images(), crops):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_device_resize_it_cannot_do_names_the_setting(tiny_train_transform):
+    lanczos = T.Compose([T.RandomResizedCrop(64, interpolation=T.InterpolationMode.LANCZOS),
+                         T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    device = DeviceTransform(lanczos, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="data.resize_on=worker"):
+        device(collate_images([torch.zeros(3, 8, 9, dtype=torch.uint8), torch.zeros(3, 9, 8, dtype=torch.uint8)]))

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cliplite_dist.config import DataConfig
 from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
+from cliplite_dist.data.imagebatch import collate_images
 from cliplite_dist.data.opener import ShardOpener
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.slots import SlotPosition, SlotReader, stable_seed
@@ -116,7 +117,8 @@ class BatchInfo:
 
 
 class ShardStream(IterableDataset):
-    """Endless batches of (images, tokens, BatchInfo) for one rank.
+    """Endless batches of (images, tokens, BatchInfo) for one rank; images as
+    `imagebatch.collate_images` makes them (a uint8 tensor, or RaggedImages of unresized crops).
 
     `set_epoch` before each `iter()` says which epoch to read and where each reader starts.
     """
@@ -167,7 +169,7 @@ class ShardStream(IterableDataset):
                 if len(images) == batch_size:
                     break
             info = BatchInfo(self.epoch, reader, position.to_dict(), counter.snapshot(), keys)
-            yield torch.stack(images), self.tokenizer(captions), info
+            yield collate_images(images), self.tokenizer(captions), info
 
 
 def _worker_init(_: int) -> None:
