@@ -183,10 +183,10 @@ def loss_seconds(objective_cfg, batch: int, dim: int, device, repeats: int) -> f
     return timed(lambda: objective(image, text).loss.backward(), repeats)
 
 
-def engine_step_rate(cfg, device, repeats: int) -> tuple[float, int, int]:
-    """(samples/s per rank of whole DeepSpeed steps: towers + objective + optimizer, on in-memory
-    inputs so no data loading is timed; the towers' embedding width; the parameter count).
-    `cfg` is a cliplite_dist Config; the process group must exist."""
+def engine_step(cfg, device) -> tuple[Callable[[], None], int, int]:
+    """(one whole DeepSpeed step: towers + objective + optimizer, on in-memory inputs so no data
+    loading is timed; the towers' embedding width; the parameter count). `cfg` is a
+    cliplite_dist Config; the process group must exist."""
     from cliplite_dist.engine import build_engine
     from cliplite_dist.models import build_model
 
@@ -203,9 +203,13 @@ def engine_step_rate(cfg, device, repeats: int) -> tuple[float, int, int]:
         info.engine.backward(out.loss)
         info.engine.step()
 
-    seconds = timed(step, repeats)
-    params = sum(p.numel() for p in model.parameters())
-    return batch / seconds, towers.embed_dim, params
+    return step, towers.embed_dim, sum(p.numel() for p in model.parameters())
+
+
+def engine_step_rate(cfg, device, repeats: int) -> tuple[float, int, int]:
+    """(samples/s per rank of whole DeepSpeed steps (`engine_step`), embedding width, parameters)."""
+    step, dim, params = engine_step(cfg, device)
+    return cfg.data.batch_size / timed(step, repeats), dim, params
 
 
 # ---- running cells -------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""Where a training step's time goes, per objective: the loss alone vs the whole step.
+"""Where a training step's time goes, per objective, and CLIP-Lite's step against InfoNCE's.
 
 For each objective on one process: forward+backward time of the objective alone on tower-sized
-embeddings, and samples/s of a full DeepSpeed step (towers + objective + optimizer) on synthetic
-input tensors (no data loading). Writes `benchmarks/results/step_breakdown/<machine>/` with the
-machine description beside the numbers.
+embeddings, and whole DeepSpeed steps (towers + objective + optimizer) on in-memory inputs (no
+data loading). Both engines live in one process and their steps alternate (which goes first
+swaps every round), so the two objectives see the same machine state: separate runs of one
+configuration differ by up to 8% here, far more than the objectives do. The ratio of the two
+step times is taken per round; its median and a bootstrap 95% interval say whether CLIP-Lite is
+as fast as InfoNCE. Writes `benchmarks/results/step_breakdown/<machine>/`.
 
     python benchmarks/step_breakdown.py                       # tiny-vit, batch 64, CPU
     python benchmarks/step_breakdown.py --model ViT-B-32 --batch 256
@@ -12,38 +15,79 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
+import time
 
 from cliplite_dist.config import Config
 from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
-from common import engine_step_rate, loss_seconds, markdown_table, results_folder, write_results
+from common import engine_step, loss_seconds, markdown_table, results_folder, sync, write_results
+
+OBJECTIVES = ("cliplite", "infonce")
+WARMUP_ROUNDS = 3
+
+
+def interleaved_step_seconds(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each objective's step, one step of each per round, alternating the order."""
+    for _ in range(WARMUP_ROUNDS):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(rounds):
+        for name in (list(steps) if i % 2 == 0 else list(reversed(steps))):
+            sync()
+            start = time.perf_counter()
+            steps[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio_interval(ratios: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(median, 2.5th and 97.5th percentile of the median over bootstrap resamples)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return statistics.median(ratios), medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-vit")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=60, help="steps of each objective, alternating")
     parser.add_argument("--machine-name", default=None, help="results folder name (default: host)")
     args = parser.parse_args()
 
     env = DistEnv.from_environ()
     device = pick_device("auto", env.local_rank)
     init_distributed(env, device)
-    rows = []
-    for name in ("cliplite", "infonce"):
+    cfgs, steps, dims = {}, {}, {}
+    for name in OBJECTIVES:
         cfg = Config()
         cfg.model.name, cfg.objective.name, cfg.data.batch_size = args.model, name, args.batch
-        rate, dim, _ = engine_step_rate(cfg, device, args.repeats)
-        rows.append({
-            "objective": name, "model": args.model, "batch": args.batch, "step_samples_per_s": rate,
-            "loss_fwd_bwd_ms": 1000 * loss_seconds(cfg.objective, args.batch, dim, device, args.repeats * 5),
-        })
-        print(json.dumps(rows[-1]))
-    table = markdown_table(["objective", "model", "batch", "loss fwd+bwd (ms)", "full step (samples/s)"],
+        cfgs[name] = cfg
+        steps[name], dims[name], _ = engine_step(cfg, device)
+    times = interleaved_step_seconds(steps, args.rounds)
+    rows = [{"objective": name, "model": args.model, "batch": args.batch, "rounds": args.rounds,
+             "step_ms": 1000 * statistics.median(times[name]),
+             "step_samples_per_s": args.batch / statistics.median(times[name]),
+             "loss_fwd_bwd_ms": 1000 * loss_seconds(cfgs[name].objective, args.batch, dims[name], device,
+                                                    args.rounds * 5)}
+            for name in OBJECTIVES]
+    # CLIP-Lite's samples/s over InfoNCE's, per round: InfoNCE's step time over CLIP-Lite's
+    ratio, low, high = median_ratio_interval([i / c for c, i in zip(times["cliplite"], times["infonce"])])
+    for row in rows:
+        print(json.dumps(row))
+    table = markdown_table(["objective", "model", "batch", "loss fwd+bwd (ms)", "step (ms, median)",
+                            "full step (samples/s)"],
                            [[r["objective"], r["model"], r["batch"], f"{r['loss_fwd_bwd_ms']:.3f}",
-                             f"{r['step_samples_per_s']:.1f}"] for r in rows])
-    write_results(results_folder("step_breakdown", args.machine_name), rows, table)
+                             f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}"] for r in rows])
+    summary = (f"CLIP-Lite ÷ InfoNCE samples/s, per round of one step each ({args.rounds} rounds, "
+               f"alternating order): median {ratio:.3f}, bootstrap 95% interval [{low:.3f}, {high:.3f}]")
+    write_results(results_folder("step_breakdown", args.machine_name), rows, f"{table}\n\n{summary}\n",
+                  cliplite_over_infonce=round(ratio, 4), interval_95=[round(low, 4), round(high, 4)])
     print(table)
+    print(summary)
 
 
 if __name__ == "__main__":
