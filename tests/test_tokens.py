@@ -33,7 +33,8 @@ def test_plain_ascii_captions_take_the_fast_path_with_the_same_ids(theirs):
         "A Dog's  toy, isn't it?", "  two\tcats ", "3 x 4 = 12!!", "re-used... (again) 'quoted' it'll",
         "ALL CAPS and MiXeD", "a very long caption " * 10, "", "   ", "x"]
     assert all(t.isascii() for t in texts)
-    assert same_ids(theirs, texts).word_ids  # words were looked up by the fast path
+    ours = same_ids(theirs, texts)
+    assert ours.fast and ours.word_ids  # words were looked up by the fast path
 
 
 def test_captions_ftfy_or_html_would_change_go_through_open_clip(theirs):
@@ -57,3 +58,5 @@ def test_other_tokenizers_are_called_as_they_are():
     assert BatchTokenizer(Upper())(["ab", "c"]).tolist() == [[2], [1]]
     canonical = SimpleTokenizer(context_length=8, clean="canonicalize")
     assert BatchTokenizer(canonical)(["Hello, World!"]).tolist() == canonical(["Hello, World!"]).tolist()
+    assert not BatchTokenizer(canonical).fast
+    assert not BatchTokenizer(SimpleTokenizer(context_length=8, reduction_mask="simple")).fast

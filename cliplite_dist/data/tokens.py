@@ -10,9 +10,12 @@ the tokenizer itself: the ids are open_clip's either way (tests/test_tokens.py c
 from __future__ import annotations
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer, _clean_lower
+from open_clip import tokenizer as open_clip_tokenizer
 
 WORD_CACHE_LIMIT = 200_000  # distinct words remembered; the cache restarts empty when full
+# open_clip's default cleaning (ftfy, HTML unescape, whitespace, lower case); private, so looked
+# up softly: an open_clip without it gets every caption tokenised by open_clip itself
+_CLEAN_LOWER = getattr(open_clip_tokenizer, "_clean_lower", None)
 
 
 class BatchTokenizer:
@@ -20,8 +23,9 @@ class BatchTokenizer:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.fast = (isinstance(tokenizer, SimpleTokenizer) and tokenizer.clean_fn is _clean_lower
-                     and tokenizer.reduction_fn is None)
+        self.fast = (isinstance(tokenizer, open_clip_tokenizer.SimpleTokenizer) and _CLEAN_LOWER is not None
+                     and getattr(tokenizer, "clean_fn", None) is _CLEAN_LOWER
+                     and getattr(tokenizer, "reduction_fn", None) is None and bool(tokenizer.context_length))
         self.word_ids: dict[str, list[int]] = {}
 
     def _word(self, word: str) -> list[int]:
