@@ -239,23 +239,21 @@ def add_ceiling(rows: list[dict]) -> list[dict]:
             if r["stage"] == "pipeline" else r for r in rows]
 
 
+# (label, numerator, denominator) per set of shards; each side is (stage, decoder, resize)
+COMPARISONS = [(f"{STAGE_LABELS[stage]}: torchvision.io ÷ PIL", (stage, "torchvision.io", resize), (stage, "PIL", resize))
+               for stage, resize in (("decode", "-"), ("decode+augment", "worker"), ("pipeline", "worker"))] + [
+    ("tokenise: ours ÷ open_clip", ("tokenise", "ours", "-"), ("tokenise", "open_clip", "-")),
+    ("full pipeline: resize on device ÷ in worker", ("pipeline", "torchvision.io", "device"),
+     ("pipeline", "torchvision.io", "worker"))]
+
+
 def speedups(rows: list[dict]) -> list[list]:
     """Per set of shards: torchvision.io ÷ PIL (crop resized in the worker) for each stage after
-    reading, and the full pipeline with the resize left to the device ÷ in the worker."""
+    reading, our tokenizer ÷ open_clip's, and the full pipeline with the resize left to the
+    device ÷ in the worker."""
     rate = _rates(rows)
-    out = []
-    for model, px in SETS:
-        def ratio(a: tuple, b: tuple) -> str:
-            return f"{rate[(model, px, *a)] / rate[(model, px, *b)]:.2f}x"
-
-        out += [[model, px, f"{STAGE_LABELS[stage]}: torchvision.io ÷ PIL",
-                 ratio((stage, "torchvision.io", resize), (stage, "PIL", resize))]
-                for stage, resize in (("decode", "-"), ("decode+augment", "worker"), ("pipeline", "worker"))]
-        out.append([model, px, "tokenise: ours ÷ open_clip",
-                    ratio(("tokenise", "ours", "-"), ("tokenise", "open_clip", "-"))])
-        out.append([model, px, "full pipeline: resize on device ÷ in worker",
-                    ratio(("pipeline", "torchvision.io", "device"), ("pipeline", "torchvision.io", "worker"))])
-    return out
+    return [[model, px, label, f"{rate[(model, px, *a)] / rate[(model, px, *b)]:.2f}x"]
+            for model, px in SETS for label, a, b in COMPARISONS]
 
 
 def _table_row(row: dict) -> list:

@@ -3,9 +3,9 @@ went wrong, by kind.
 
 webdataset's tar expander (tarfile underneath) reports every failure alike, and its default
 handler ends the run; a long run needs to know whether a shard was missing, its server
-unreachable, or the file empty or cut short, and to keep the samples that came before the damage. Sample keys follow
-webdataset's convention: the member path up to the first dot of its basename; the rest, lower-
-cased, names the field (`000123.jpg` -> key `000123`, field `jpg`).
+unreachable, or the file empty or cut short, and to keep the samples that came before the
+damage. Sample keys follow webdataset's convention: the member path up to the first dot of its
+basename; the rest, lower-cased, names the field (`000123.jpg` -> key `000123`, field `jpg`).
 """
 from __future__ import annotations
 
