@@ -20,6 +20,9 @@ Stages, measured on the same shards:
   pipeline        ShardStream batches (read, shuffle block, decode, augment, caption pick,
                   tokenise, batch); the torchvision.io rows are what the trainer runs. Reported as %
                   of the decoder's decode-only ceiling and of decode + augment.
+  loader worker   the same stream run by one real DataLoader worker (`pipeline.make_loader`, as the
+                  trainer builds it), timed by the worker's CPU seconds (from /proc): adds handing
+                  each batch to the training process through shared memory
   device resize   what resize "device" leaves to the training device (resize every crop of a
                   batch + normalise), timed on this machine's CPU at one thread: the reason CPU
                   runs resize in the workers instead (a GPU does it in well under a millisecond)
@@ -36,6 +39,8 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import multiprocessing
+import os
 import statistics
 import time
 from pathlib import Path
@@ -46,7 +51,7 @@ from torchvision import transforms as T
 
 from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
 from cliplite_dist.data.badsamples import BadDataCounter
-from cliplite_dist.data.pipeline import SampleDecoder, ShardStream
+from cliplite_dist.data.pipeline import SampleDecoder, ShardStream, make_loader
 from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
@@ -61,6 +66,7 @@ SETS = (("tiny-vit", 64), ("ViT-B-32", 256), ("ViT-B-32", 512))  # (model, side 
 SHARD_SIZE, FULL_SHARDS, QUICK_SHARDS = 500, 4, 1
 FULL_REPEATS, QUICK_REPEATS = 5, 3
 BATCH_SIZE, SHUFFLE_BUFFER = 64, 1000  # the tiny-cpu recipe's loader
+LOADER_PREFETCH = 4  # batches make_loader's worker prepares ahead (its prefetch_factor)
 CAPTION_KEY = "json:captions"
 IMAGE_KEYS = tuple(DataConfig().image_keys.split(";"))
 DECODERS = ("PIL", "torchvision.io")
@@ -69,9 +75,11 @@ STAGES = (("read", "-", "-"), ("tokenise", "open_clip", "-"), ("tokenise", "ours
           ("decode+augment", "PIL", "worker"), ("decode+augment", "torchvision.io", "worker"),
           ("decode+augment", "torchvision.io", "device"), ("pipeline", "PIL", "worker"),
           ("pipeline", "torchvision.io", "worker"), ("pipeline", "torchvision.io", "device"),
+          ("loader", "torchvision.io", "worker"), ("loader", "torchvision.io", "device"),
           ("device resize", "torchvision.io", "device"))
 STAGE_LABELS = {"read": "raw tar read", "tokenise": "tokenise", "decode": "decode",
                 "decode+augment": "decode + augment", "pipeline": "full pipeline",
+                "loader": "full pipeline in a loader worker",
                 "device resize": "device resize + normalise (CPU)"}
 
 
@@ -140,6 +148,31 @@ def pipeline_stage(batches: Iterator[tuple], count: int) -> int:
     return sum(len(images) for images, _, _ in itertools.islice(batches, count))
 
 
+def worker_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process's live children: the loader's
+    worker. /proc counts in clock ticks (10 ms), a percent of a pass."""
+    ticks = 0
+    for child in multiprocessing.active_children():
+        fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of the file
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def loader_passes(batches: Iterator[tuple], count: int, repeats: int) -> tuple[int, float, float]:
+    """(samples, median wall s, median worker CPU s) of `repeats` passes of `count` batches from a
+    running loader. Each pass first takes the batches the worker prefetched while nobody asked,
+    so the window sees the worker produce about `count` batches (it may be one batch into the
+    next when the window closes: the rate errs low by up to 1 / count)."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        pipeline_stage(batches, LOADER_PREFETCH)
+        wall, cpu = time.perf_counter(), worker_cpu_seconds()
+        samples = pipeline_stage(batches, count)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(worker_cpu_seconds() - cpu)
+    return samples, statistics.median(walls), statistics.median(cpus)
+
+
 # ---- one cell ----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def load_shards(urls: tuple[str, ...]) -> tuple[list[bytes], list[str]]:
@@ -158,6 +191,7 @@ def towers(model: str) -> Towers:
 
 
 def stage_runner(cell: dict) -> Callable[[], int]:
+    """One pass of an in-process stage (loader cells run through `loader_passes`)."""
     urls = tuple(cell["urls"])
     images, captions = load_shards(urls)
     tower = towers(cell["model"])
@@ -178,9 +212,15 @@ def stage_runner(cell: dict) -> Callable[[], int]:
                  for i in range(0, len(images), BATCH_SIZE)]
         transform = DeviceTransform(tower.train_transform, torch.device("cpu"), torch.float32)
         return lambda: device_stage(crops, transform)
-    stream = make_stream(list(urls), make_decoder(decoder, tower.train_transform, resize), tokenizer)
-    batches = iter(stream)
+    batches = iter(cell_stream(cell))
     return lambda: pipeline_stage(batches, len(images) // BATCH_SIZE)
+
+
+def cell_stream(cell: dict) -> ShardStream:
+    """The trainer's stream over the cell's shards, with the cell's decoder and resize placement."""
+    tower = towers(cell["model"])
+    decoder = make_decoder(cell["decoder"], tower.train_transform, cell["resize"])
+    return make_stream(list(cell["urls"]), decoder, BatchTokenizer(tower.tokenizer))
 
 
 def timed_passes(run: Callable[[], int], repeats: int) -> tuple[float, float]:
@@ -198,11 +238,18 @@ def timed_passes(run: Callable[[], int], repeats: int) -> tuple[float, float]:
 
 def measure(cell: dict) -> dict:
     """Rates over whole passes; the first pass warms caches (page cache, lazy imports) and counts
-    the samples."""
+    the samples. A loader cell runs its own worker, stopped before the next cell."""
     torch.set_num_threads(1)  # what pipeline._worker_init gives every loader worker
-    run = stage_runner(cell)
-    samples = run()
-    wall, cpu = timed_passes(run, cell["repeats"])
+    if cell["stage"] == "loader":
+        batches = iter(make_loader(cell_stream(cell), workers=1, pin_memory=False))
+        count = len(load_shards(tuple(cell["urls"]))[0]) // BATCH_SIZE
+        pipeline_stage(batches, count)
+        samples, wall, cpu = loader_passes(batches, count, cell["repeats"])
+        del batches  # the last reference: the iterator stops and joins its worker here
+    else:
+        run = stage_runner(cell)
+        samples = run()
+        wall, cpu = timed_passes(run, cell["repeats"])
     return {"model": cell["model"], "image_px": cell["image_px"], "stage": cell["stage"],
             "decoder": cell["decoder"], "resize": cell["resize"], "samples": samples, "repeats": cell["repeats"],
             "samples_per_cpu_s": round(samples / cpu, 1), "samples_per_s": round(samples / wall, 1),
@@ -236,7 +283,7 @@ def add_ceiling(rows: list[dict]) -> list[dict]:
         return round(100 * row["samples_per_cpu_s"] / ceiling, 1)
 
     return [{**r, "pct_of_decode": pct(r, "decode", "-"), "pct_of_augment": pct(r, "decode+augment", r["resize"])}
-            if r["stage"] == "pipeline" else r for r in rows]
+            if r["stage"] in ("pipeline", "loader") else r for r in rows]
 
 
 # (label, numerator, denominator) per set of shards; each side is (stage, decoder, resize)

@@ -138,7 +138,8 @@ class Trainer:
                                                               and self.device.type != "cuda")
         decoder = SampleDecoder(uint8_train_transform(towers.train_transform, resize=resize_in_worker),
                                 cfg.data.caption_key, tuple(cfg.data.image_keys.split(";")), decode=decode_uint8)
-        self.image_transform = DeviceTransform(towers.train_transform, self.device, self.engine_info.input_dtype)
+        self.image_transform = DeviceTransform(towers.train_transform, self.device, self.engine_info.input_dtype,
+                                               resizes=not resize_in_worker)
         self.stream = ShardStream(corpora, cfg.data, decoder, BatchTokenizer(towers.tokenizer), env.rank,
                                   env.world_size, cfg.train.seed)
         self.loader = make_loader(self.stream, cfg.data.workers, pin_memory=self.device.type == "cuda")

@@ -33,7 +33,7 @@ def test_every_stage_processes_each_sample_once(shard, tiny):
     assert bench.read_stage(shard) == NUM_SAMPLES
     assert bench.tokenise_stage(captions, tiny.tokenizer, batch_size=5) == NUM_SAMPLES  # ragged end
     for stage, decoder, resize in bench.STAGES:
-        if stage == "read":
+        if stage in ("read", "loader"):
             continue
         cell = {"urls": shard, "model": "tiny-vit", "stage": stage, "decoder": decoder, "resize": resize}
         run = bench.stage_runner(cell)
@@ -64,12 +64,27 @@ def test_resize_on_device_batches_carry_unresized_crops(shard, tiny):
     assert all(h <= 64 and w <= 64 and c == 3 for h, w, c in crops.shapes)  # 64 px shards, crop scale <= 1
 
 
+def test_loader_passes_time_the_worker_that_made_the_batches(shard, tiny):
+    from cliplite_dist.data.pipeline import make_loader
+
+    stream = bench.make_stream(shard, bench.make_decoder("torchvision.io", tiny.train_transform, "device"),
+                               tiny.tokenizer, batch_size=4)
+    batches = iter(make_loader(stream, workers=1, pin_memory=False))
+    assert bench.worker_cpu_seconds() >= 0
+    samples, wall, cpu = bench.loader_passes(batches, NUM_SAMPLES // 4, repeats=2)
+    assert samples == NUM_SAMPLES and wall > 0
+    assert cpu > 0  # the worker's own seconds: this process only waited
+    del batches
+    assert bench.worker_cpu_seconds() == 0  # no live child left to count
+
+
 def test_ceilings_and_ratios_are_taken_from_the_matching_rows():
     rates = {("read", "-", "-"): 100, ("tokenise", "open_clip", "-"): 100, ("tokenise", "ours", "-"): 300, ("decode", "PIL", "-"): 50,
              ("decode", "torchvision.io", "-"): 80, ("decode+augment", "PIL", "worker"): 20,
              ("decode+augment", "torchvision.io", "worker"): 40, ("decode+augment", "torchvision.io", "device"): 70,
              ("pipeline", "PIL", "worker"): 10, ("pipeline", "torchvision.io", "worker"): 30,
-             ("pipeline", "torchvision.io", "device"): 60, ("device resize", "torchvision.io", "device"): 5}
+             ("pipeline", "torchvision.io", "device"): 60, ("loader", "torchvision.io", "worker"): 20,
+             ("loader", "torchvision.io", "device"): 40, ("device resize", "torchvision.io", "device"): 5}
     rows = [{"model": model, "image_px": px, "stage": stage, "decoder": decoder, "resize": resize,
              "samples_per_cpu_s": rates[stage, decoder, resize] * px, "samples_per_s": 1, "cpu_share": 1.0,
              "samples": 64, "repeats": 1}
@@ -77,6 +92,8 @@ def test_ceilings_and_ratios_are_taken_from_the_matching_rows():
     rows = bench.add_ceiling(rows)
     device = next(r for r in rows if r["stage"] == "pipeline" and r["resize"] == "device")
     assert (device["pct_of_decode"], device["pct_of_augment"]) == (75.0, round(100 * 60 / 70, 1))
+    loader = next(r for r in rows if r["stage"] == "loader" and r["resize"] == "device")
+    assert (loader["pct_of_decode"], loader["pct_of_augment"]) == (50.0, round(100 * 40 / 70, 1))
     pil = next(r for r in rows if r["stage"] == "pipeline" and r["decoder"] == "PIL")
     assert (pil["pct_of_decode"], pil["pct_of_augment"]) == (20.0, 50.0)
     ratios = {(row[1], row[2]): row[3] for row in bench.speedups(rows)}

@@ -2,7 +2,6 @@
 skipped and counted or refused by name; stats writes sizes.json for img2dataset-like output."""
 import io
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -91,9 +90,9 @@ def test_coco_one_sample_per_image_with_every_caption(coco, tmp_path):
     assert count_samples(expand_urls(str(out))) == 4
 
     # What a train recipe with data.caption_key=json:captions reads: every sample, a real caption.
-    counter, rng = BadDataCounter(), random.Random(0)
+    counter = BadDataCounter()
     decoder = SampleDecoder(lambda img: img.size, "json:captions", ("jpg", "jpeg", "png", "webp"))
-    decoded = [(sample["__key__"], size, caption_or_none(sample, decoder, counter, rng))
+    decoded = [(sample["__key__"], size, caption_or_none(sample, decoder, counter, 0))
                for sample, size in decoded_images(iterate_samples(expand_urls(str(out)), counter), decoder, counter)]
     assert not counter.counts
     assert len(decoded) == 4

@@ -124,9 +124,34 @@ def test_batches_keep_the_memory_layout_and_ragged_crops_round_trip(jpegs):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+class _WorkerBatches(torch.utils.data.IterableDataset):
+    """Collates large crops in a DataLoader worker, to be handed over through shared memory."""
+
+    def __iter__(self):
+        yield collate_images([torch.full((3, 800, 300 + i), i, dtype=torch.uint8) for i in range(4)])
+
+
+def test_large_batches_round_trip_in_process_and_through_a_worker():
+    same = [torch.randint(0, 256, (480, 480, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(4)]
+    stacked = collate_images(same)  # 2.7 MB: past the huge-page threshold, in an advised mapping
+    assert stacked.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(stacked, torch.stack(same), rtol=0, atol=0)
+    crops = [image[:, i:400, :300 + i] for i, image in enumerate(same)]
+    for got, expected in zip(collate_images(crops).images(), crops):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    loader = torch.utils.data.DataLoader(_WorkerBatches(), batch_size=None, num_workers=1)
+    batch, = list(loader)  # a mapped buffer goes through the DataLoader's shared memory like any
+    assert batch.pixels.is_shared() and batch.shapes == tuple((800, 300 + i, 3) for i in range(4))
+    assert [torch.unique(image).tolist() for image in batch.images()] == [[0], [1], [2], [3]]
+
+
 def test_a_device_resize_it_cannot_do_names_the_setting(tiny_train_transform):
     lanczos = T.Compose([T.RandomResizedCrop(64, interpolation=T.InterpolationMode.LANCZOS),
                          T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-    device = DeviceTransform(lanczos, torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError, match="data.resize_on=worker"):
-        device(collate_images([torch.zeros(3, 8, 9, dtype=torch.uint8), torch.zeros(3, 9, 8, dtype=torch.uint8)]))
+    with pytest.raises(ValueError, match="data.resize_on=worker"):  # at start-up, before any batch
+        DeviceTransform(lanczos, torch.device("cpu"), torch.float32)
+    in_worker = DeviceTransform(lanczos, torch.device("cpu"), torch.float32, resizes=False)
+    assert in_worker(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="data.resize_on=worker"):  # crops it was not built for
+        in_worker(collate_images([torch.zeros(3, 8, 9, dtype=torch.uint8), torch.zeros(3, 9, 8, dtype=torch.uint8)]))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -51,9 +50,10 @@ class SampleDecoder:
                 return self.transform(self.decode(sample[key]))
         raise KeyError(f"no image under any of {self.image_keys}")
 
-    def caption(self, sample: dict, rng: random.Random) -> str:
-        """The caption (one of a list, picked with `rng`). Raises MissingCaption for absent or
-        empty ones; UnicodeDecodeError / json.JSONDecodeError for undecodable ones."""
+    def caption(self, sample: dict, pick: int) -> str:
+        """The caption: of a list, the non-empty one at `pick` modulo their number (the first
+        with pick_first_caption). Raises MissingCaption for absent or empty ones;
+        UnicodeDecodeError / json.JSONDecodeError for undecodable ones."""
         if self.caption_key == "txt":
             if "txt" not in sample:
                 raise MissingCaption("no .txt field")
@@ -67,7 +67,7 @@ class SampleDecoder:
             captions = [c for c in captions if isinstance(c, str) and c.strip()]
             if not captions:
                 raise MissingCaption("empty caption list")
-            captions = captions[0] if self.pick_first_caption else rng.choice(captions)
+            captions = captions[0 if self.pick_first_caption else pick % len(captions)]
         if not isinstance(captions, str) or not captions.strip():
             raise MissingCaption(f"empty caption ({self.caption_key})")
         return captions.strip()
@@ -93,10 +93,9 @@ def decoded_images(samples, decoder: SampleDecoder, counter: BadDataCounter) -> 
             yield sample, image
 
 
-def caption_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounter,
-                    rng: random.Random) -> str | None:
+def caption_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounter, pick: int) -> str | None:
     try:
-        return decoder.caption(sample, rng)
+        return decoder.caption(sample, pick)
     except MissingCaption as exc:
         counter.record("no_caption", sample.get("__url__", "?"), _where(sample), exc)
     except (UnicodeDecodeError, ValueError, AttributeError) as exc:  # non-UTF-8, bad JSON, not a dict
@@ -156,8 +155,8 @@ class ShardStream(IterableDataset):
             images, captions, keys = [], [], []
             for sample, position in samples:
                 # The caption pick depends on (seed, epoch, sample) only: the same after a restart.
-                rng = random.Random(stable_seed(self.seed, self.epoch, sample["__url__"], sample["__key__"]))
-                caption = caption_or_none(sample, self.decoder, counter, rng)
+                pick = stable_seed(self.seed, self.epoch, sample["__url__"], sample["__key__"])
+                caption = caption_or_none(sample, self.decoder, counter, pick)
                 image = None if caption is None else image_or_none(sample, self.decoder, counter)
                 if image is None:
                     continue

@@ -56,6 +56,15 @@ class _Blocks:
         return out
 
 
+def _byte_sum(header: bytes) -> int:
+    """The ustar checksum of a header: the sum of its bytes with the checksum field read as
+    spaces. Summed by zlib.adler32, whose low half is 1 + the byte sum modulo 65521: exact for
+    pieces whose bytes sum below that (at most 255 per byte: 148, 244 and 112 bytes), and a tenth
+    of the cost of Python's sum() over 512 bytes, which was a fifth of reading a small sample."""
+    return ((zlib.adler32(header[:148]) & 0xFFFF) + (zlib.adler32(header[156:400]) & 0xFFFF)
+            + (zlib.adler32(header[400:BLOCK]) & 0xFFFF) - 3 + 8 * 32)
+
+
 def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
         return int.from_bytes(field[1:], "big")
@@ -99,7 +108,7 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
         started = True
         if len(header) < BLOCK:
             raise BrokenTar(f"stream ends inside a header ({len(header)} of {BLOCK} bytes)")
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+        if _octal(header[148:156]) != _byte_sum(header):
             raise BrokenTar("header checksum mismatch (not a tar, or corrupted)")
         size, kind = _octal(header[124:136]), header[156:157]
         data = blocks.read(-(-size // BLOCK) * BLOCK)

@@ -128,17 +128,22 @@ class DeviceTransform:
     unresized (RaggedImages) resized one by one in float32, then all of it to [0, 1], minus mean,
     over std, in the engine's input dtype (computed in fp32)."""
 
-    def __init__(self, pil_transform: T.Compose, device: torch.device, dtype: torch.dtype):
+    def __init__(self, pil_transform: T.Compose, device: torch.device, dtype: torch.dtype, resizes: bool = True):
+        """`resizes`: crops come unresized (data.resize_on=device); an interpolation this cannot
+        do on the device is then refused here, at start-up, not at the first batch."""
         crop, norm = _crop_and_norm(pil_transform)
         self.size, self.interpolation = tuple(crop.size), crop.interpolation
+        if resizes and crop.interpolation not in INTERPOLATE_MODES:
+            raise ValueError(f"no device resize for interpolation {crop.interpolation!r}; set data.resize_on=worker")
         self.antialias = bool(crop.antialias) and crop.interpolation != v2.InterpolationMode.NEAREST
         self.mean = torch.tensor(norm.mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(norm.std, device=device).view(1, -1, 1, 1) * 255
         self.dtype = dtype
 
     def _interpolate(self, images: torch.Tensor) -> torch.Tensor:
-        if self.interpolation not in INTERPOLATE_MODES:
-            raise ValueError(f"no device resize for interpolation {self.interpolation!r}; set data.resize_on=worker")
+        if self.interpolation not in INTERPOLATE_MODES:  # built with resizes=False, yet sent crops
+            raise ValueError(f"images of {tuple(images.shape[-2:])} px need a {self.interpolation!r} resize to "
+                             f"{self.size}, which has no device equivalent; set data.resize_on=worker")
         return F.interpolate(images.float(), size=self.size, mode=INTERPOLATE_MODES[self.interpolation],
                              antialias=self.antialias)
 
