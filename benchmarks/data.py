@@ -1,9 +1,9 @@
 """Data pipeline samples/s per worker against its ceilings, for PIL and torchvision.io decoding,
 with the crop resized in the worker or left to the training device.
 
-A data-loader worker is one process running one intra-op thread (`pipeline._worker_init`), so
-every cell runs in a single process at one thread, without DataLoader workers: samples/s here is
-per worker. Rates are given per CPU-second of that process (a worker with a core to itself; other
+A data-loader worker is one process running one intra-op thread with glibc keeping freed memory
+(`pipeline.configure_worker`), so every cell runs in a single process configured the same way,
+without DataLoader workers: samples/s here is per worker. Rates are given per CPU-second of that process (a worker with a core to itself; other
 jobs on a shared machine do not skew them) and per wall second, with the CPU share between them.
 Stages, measured on the same shards:
 
@@ -51,7 +51,7 @@ from torchvision import transforms as T
 
 from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
 from cliplite_dist.data.badsamples import BadDataCounter
-from cliplite_dist.data.pipeline import SampleDecoder, ShardStream, make_loader
+from cliplite_dist.data.pipeline import SampleDecoder, ShardStream, configure_worker, make_loader
 from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
@@ -239,7 +239,7 @@ def timed_passes(run: Callable[[], int], repeats: int) -> tuple[float, float]:
 def measure(cell: dict) -> dict:
     """Rates over whole passes; the first pass warms caches (page cache, lazy imports) and counts
     the samples. A loader cell runs its own worker, stopped before the next cell."""
-    torch.set_num_threads(1)  # what pipeline._worker_init gives every loader worker
+    configure_worker()  # what every loader worker runs first: one thread, freed memory kept
     if cell["stage"] == "loader":
         batches = iter(make_loader(cell_stream(cell), workers=1, pin_memory=False))
         count = len(load_shards(tuple(cell["urls"]))[0]) // BATCH_SIZE

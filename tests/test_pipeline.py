@@ -1,9 +1,11 @@
 import io
+import os
 import tarfile
 
 import open_clip
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from cliplite_dist.config import DataConfig
@@ -206,3 +208,25 @@ def test_tar_header_checksum_is_the_exact_byte_sum_even_for_extreme_headers():
                *(bytes(rng.getrandbits(8) for _ in range(512)) for _ in range(200))]
     for header in headers:  # tar's rule: every byte counted, the checksum field as 8 spaces
         assert _byte_sum(header) == sum(header[:148]) + 8 * ord(" ") + sum(header[156:])
+
+
+class _FreedMemory(torch.utils.data.IterableDataset):
+    """In a worker: its torch threads, and how much of a freed 64 MiB block stays resident."""
+
+    def __iter__(self):
+        def resident() -> int:
+            return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+        before = resident()
+        block = bytearray(64 << 20)  # zero-filled: every page touched
+        del block
+        yield torch.get_num_threads(), resident() - before
+
+
+def test_loader_workers_run_one_thread_and_keep_freed_memory_for_the_next_batch():
+    from cliplite_dist.data.pipeline import _worker_init
+
+    (threads, kept), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1, worker_init_fn=_worker_init)
+    assert threads == 1 and kept > 48 << 20  # reused by the next batch instead of faulted in afresh
+    (_, default_kept), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1)
+    assert default_kept < 16 << 20  # glibc's default: a block this large goes back to the system

@@ -125,23 +125,27 @@ def test_batches_keep_the_memory_layout_and_ragged_crops_round_trip(jpegs):
 
 
 class _WorkerBatches(torch.utils.data.IterableDataset):
-    """Collates large crops in a DataLoader worker, to be handed over through shared memory."""
+    """Collates large crops in a DataLoader worker, handed over through shared memory."""
 
     def __iter__(self):
         yield collate_images([torch.full((3, 800, 300 + i), i, dtype=torch.uint8) for i in range(4)])
 
 
-def test_large_batches_round_trip_in_process_and_through_a_worker():
+def test_large_batches_keep_their_layout_and_round_trip_through_a_worker():
     same = [torch.randint(0, 256, (480, 480, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(4)]
-    stacked = collate_images(same)  # 2.7 MB: past the huge-page threshold, in an advised mapping
+    stacked = collate_images(same)  # images of HWC memory sharing a shape: stacked channels-last
     assert stacked.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(stacked, torch.stack(same), rtol=0, atol=0)
+    same_crops = [image[:, 10:410, 20:420] for image in same]  # views, not contiguous, same size
+    stacked = collate_images(same_crops)
+    assert stacked.is_contiguous(memory_format=torch.channels_last)  # no transposing copy
+    torch.testing.assert_close(stacked, torch.stack(same_crops), rtol=0, atol=0)
     crops = [image[:, i:400, :300 + i] for i, image in enumerate(same)]
     for got, expected in zip(collate_images(crops).images(), crops):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
     loader = torch.utils.data.DataLoader(_WorkerBatches(), batch_size=None, num_workers=1)
-    batch, = list(loader)  # a mapped buffer goes through the DataLoader's shared memory like any
+    batch, = list(loader)
     assert batch.pixels.is_shared() and batch.shapes == tuple((800, 300 + i, 3) for i in range(4))
     assert [torch.unique(image).tolist() for image in batch.images()] == [[0], [1], [2], [3]]
 

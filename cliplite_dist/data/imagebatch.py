@@ -7,24 +7,20 @@ Crops left for the training device to resize (`data.resize_on`) differ in size: 
 to back in one flat buffer with their shapes (`RaggedImages`), pinned and copied to the device as
 one block.
 
-Where that buffer lives matters as much as the copy into it: a batch is written once into fresh
-memory, and on this machine first touching a fresh 4 KiB page cost about 2 us, more than copying
-its bytes (a 512 px batch: 400 us per crop on fresh pages, 70 us into memory already touched).
-Large buffers are therefore private memory advised for transparent huge pages (one fault per
-2 MiB: 130 us per 512 px crop). Writing a worker's batch straight into shared memory instead,
-where the DataLoader moves it, saved about 2% of a worker's CPU at 256 px but gave up the copy
-the DataLoader's feeder thread makes in parallel with decoding (11% fewer batches per second
-with a core to spare; benchmarks/data.py, loader rows), so the DataLoader still makes that copy.
+The buffer is plain `torch.empty` memory: in a data-loader worker, glibc is told to keep freed
+memory (`pipeline.keep_freed_memory`), so each batch reuses pages the previous one touched. Tried
+and left out: (a) huge-page-advised mappings for large buffers (81% of the decode-only rate at
+512 px against 86% with reused heap pages); (b) writing a worker's batch straight into shared
+memory, where the DataLoader moves it: ~2% of a worker's CPU saved, but the copy the DataLoader's
+feeder thread makes in parallel with decoding was lost (11% fewer batches per second with a
+core to spare).
 """
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-
-HUGE_PAGE = 2 << 20  # smaller buffers could not hold a single transparent huge page
 
 
 @dataclass(frozen=True)
@@ -54,22 +50,12 @@ class RaggedImages:
             offset += h * w * c
 
 
-def batch_buffer(numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """A fresh 1-D tensor for one batch; from a huge-page-advised mapping when it is large."""
-    nbytes = numel * dtype.itemsize
-    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(numel, dtype=dtype)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(memory, dtype=dtype)  # the tensor keeps the mapping alive
-
-
 def collate_images(images: list[torch.Tensor]) -> torch.Tensor | RaggedImages:
     """CHW images -> one [B, C, H, W] tensor if they share a shape (channels-last strides if the
     first one has its channels innermost), else RaggedImages (uint8 crops); either way in one
-    `batch_buffer`."""
+    buffer."""
     shapes = [tuple(image.shape) for image in images]
-    pixels = batch_buffer(sum(image.numel() for image in images), images[0].dtype if images else torch.uint8)
+    pixels = torch.empty(sum(image.numel() for image in images), dtype=images[0].dtype if images else torch.uint8)
     same = len(set(shapes)) == 1
     # Written in the layout the images have in memory (a transposing copy is 4x slower):
     # channels innermost (decoded JPEGs and crops of them) as HWC; ragged crops always are.

@@ -9,6 +9,8 @@ continues its epoch exactly where it stopped, without repeating or skipping a sa
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -171,9 +173,37 @@ class ShardStream(IterableDataset):
             yield collate_images(images), self.tokenizer(captions), info
 
 
-def _worker_init(_: int) -> None:
-    """One intra-op thread per worker: the trainer process needs the cores for the model."""
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BELOW = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve allocations up to 1 GiB from the heap and keep what is freed,
+    instead of mapping each large block fresh and handing freed memory back to the system.
+
+    A worker allocates the same large blocks every batch (decoded images, the batch buffer), and
+    on the machine we measured first touching a fresh 4 KiB page cost ~2 us, more than copying into
+    it: with glibc's defaults a 512 px batch faulted in ~50 MB of fresh pages per batch. Reused,
+    they stay mapped (86% of the decode-only rate per worker at 512 px instead of 68%). The price:
+    a worker holds on to its peak heap (a couple of batches) until it exits. For data-loader
+    worker processes only; the training process keeps glibc's defaults. Returns whether it
+    applied (not on a C library without mallopt)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+    if not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW))
+
+
+def configure_worker() -> None:
+    """One intra-op thread per worker (the trainer process needs the cores for the model), and
+    large blocks reused (`keep_freed_memory`)."""
     torch.set_num_threads(1)
+    keep_freed_memory()
+
+
+def _worker_init(_: int) -> None:
+    configure_worker()
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoader:
