@@ -211,22 +211,23 @@ def test_tar_header_checksum_is_the_exact_byte_sum_even_for_extreme_headers():
 
 
 class _FreedMemory(torch.utils.data.IterableDataset):
-    """In a worker: its torch threads, and how much of a freed 64 MiB block stays resident."""
+    """In a worker: its torch threads, and how much resident memory freeing a 64 MiB block gave
+    back to the system."""
 
     def __iter__(self):
         def resident() -> int:
             return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-        before = resident()
         block = bytearray(64 << 20)  # zero-filled: every page touched
+        before = resident()
         del block
-        yield torch.get_num_threads(), resident() - before
+        yield torch.get_num_threads(), before - resident()
 
 
 def test_loader_workers_run_one_thread_and_keep_freed_memory_for_the_next_batch():
     from cliplite_dist.data.pipeline import _worker_init
 
-    (threads, kept), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1, worker_init_fn=_worker_init)
-    assert threads == 1 and kept > 48 << 20  # reused by the next batch instead of faulted in afresh
-    (_, default_kept), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1)
-    assert default_kept < 16 << 20  # glibc's default: a block this large goes back to the system
+    (threads, given_back), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1, worker_init_fn=_worker_init)
+    assert threads == 1 and given_back < 16 << 20  # kept for the next batch instead of faulted in afresh
+    (_, default_given_back), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1)
+    assert default_given_back > 48 << 20  # glibc's default: a block this large goes back to the system

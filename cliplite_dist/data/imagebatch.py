@@ -7,13 +7,16 @@ Crops left for the training device to resize (`data.resize_on`) differ in size: 
 to back in one flat buffer with their shapes (`RaggedImages`), pinned and copied to the device as
 one block.
 
-The buffer is plain `torch.empty` memory: in a data-loader worker, glibc is told to keep freed
-memory (`pipeline.keep_freed_memory`), so each batch reuses pages the previous one touched. Tried
-and left out: (a) huge-page-advised mappings for large buffers (81% of the decode-only rate at
-512 px against 86% with reused heap pages); (b) writing a worker's batch straight into shared
-memory, where the DataLoader moves it: ~2% of a worker's CPU saved, but the copy the DataLoader's
-feeder thread makes in parallel with decoding was lost (11% fewer batches per second with a
-core to spare).
+In a data-loader worker, glibc is told to keep freed memory (`pipeline.keep_freed_memory`), so
+each batch reuses pages the previous one touched: on the machine we measured, first touching a
+fresh 4 KiB page cost ~2 us, more than copying into it. The DataLoader then hands a batch to the
+training process by copying its tensors into fresh shared memory, page by page, unless they are
+there already: ragged batches are therefore written into `SharedBuffers`, shared memory that a
+worker reuses once the training process has released the batch it held (`release`).
+
+Tried and left out: huge-page-advised mappings for the batch buffer (81% of the decode-only rate
+at 512 px against 86% with reused heap pages), and fresh shared memory per batch (it only saved
+the DataLoader's copy, which its feeder thread had been making in parallel with decoding).
 """
 from __future__ import annotations
 
@@ -31,16 +34,23 @@ class RaggedImages:
 
     pixels: torch.Tensor
     shapes: tuple[tuple[int, int, int], ...]
+    lease: torch.Tensor | None = None  # SharedBuffers' flag byte of the buffer under `pixels`
 
     def __len__(self) -> int:
         return len(self.shapes)
 
     def pin_memory(self) -> RaggedImages:
         """Called by the DataLoader's pinning thread (pin_memory=True), like Tensor.pin_memory."""
-        return RaggedImages(self.pixels.pin_memory(), self.shapes)
+        return RaggedImages(self.pixels.pin_memory(), self.shapes, self.lease)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RaggedImages:
-        return RaggedImages(self.pixels.to(device, non_blocking=non_blocking), self.shapes)
+        return RaggedImages(self.pixels.to(device, non_blocking=non_blocking), self.shapes, self.lease)
+
+    def release(self) -> None:
+        """Let the worker that wrote these pixels overwrite them: call once nothing will read
+        them again (this object, the ones `to` and `pin_memory` made from it, their views)."""
+        if self.lease is not None:
+            self.lease.fill_(0)
 
     def images(self) -> Iterator[torch.Tensor]:
         """Each image as a CHW view of the buffer."""
@@ -50,13 +60,59 @@ class RaggedImages:
             offset += h * w * c
 
 
-def collate_images(images: list[torch.Tensor]) -> torch.Tensor | RaggedImages:
+def release(images: torch.Tensor | RaggedImages) -> None:
+    """Release a batch's pixels to the worker that wrote them (a no-op for stacked tensors)."""
+    if isinstance(images, RaggedImages):
+        images.release()
+
+
+LEASE_BYTES = 64  # ahead of the pixels in a shared buffer (keeps them aligned); byte 0 is the lease
+
+
+class SharedBuffers:
+    """One loader worker's buffers for ragged batches, in shared memory, each reused once the
+    training process has released the batch written into it.
+
+    A buffer's first byte is its lease: 1 from the moment a batch is written into it until the
+    training process calls `RaggedImages.release`. A batch nobody releases is never overwritten:
+    while no kept buffer is free and large enough, a new one is made, and beyond `keep` buffers
+    new ones are not kept (each batch then gets fresh shared memory, as without this pool). With
+    the loader's 4 prefetched batches, the one being pinned and the one in the step, about 7 are
+    in flight per worker either way; `keep` bounds what a consumer that never releases costs."""
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self.buffers: list[torch.Tensor] = []
+
+    def take(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixels: `nbytes` of shared memory, lease to hand on with them, or None if unpooled)."""
+        free = [buffer for buffer in self.buffers if not buffer[0]]
+        fitting = [buffer for buffer in free if buffer.numel() >= LEASE_BYTES + nbytes]
+        if fitting:
+            buffer = fitting[0]
+        else:
+            for small in free:  # released, but too small for batches this large
+                self.buffers.remove(small)
+            # a quarter more than asked: crop sizes vary from batch to batch
+            buffer = torch.empty(LEASE_BYTES + nbytes * 5 // 4, dtype=torch.uint8).share_memory_()
+            if len(self.buffers) >= self.keep:
+                return buffer[LEASE_BYTES:LEASE_BYTES + nbytes], None
+            self.buffers.append(buffer)
+        buffer[0] = 1
+        return buffer[LEASE_BYTES:LEASE_BYTES + nbytes], buffer[:1]
+
+
+def collate_images(images: list[torch.Tensor], buffers: SharedBuffers | None = None) -> torch.Tensor | RaggedImages:
     """CHW images -> one [B, C, H, W] tensor if they share a shape (channels-last strides if the
-    first one has its channels innermost), else RaggedImages (uint8 crops); either way in one
-    buffer."""
+    first one has its channels innermost), else RaggedImages (uint8 crops) in a buffer from
+    `buffers` if given; either way in one buffer."""
     shapes = [tuple(image.shape) for image in images]
-    pixels = torch.empty(sum(image.numel() for image in images), dtype=images[0].dtype if images else torch.uint8)
     same = len(set(shapes)) == 1
+    numel, lease = sum(image.numel() for image in images), None
+    if buffers is not None and not same:
+        pixels, lease = buffers.take(numel)
+    else:
+        pixels = torch.empty(numel, dtype=images[0].dtype if images else torch.uint8)
     # Written in the layout the images have in memory (a transposing copy is 4x slower):
     # channels innermost (decoded JPEGs and crops of them) as HWC; ragged crops always are.
     hwc = not same or images[0].stride(0) < images[0].stride(2)
@@ -69,6 +125,6 @@ def collate_images(images: list[torch.Tensor]) -> torch.Tensor | RaggedImages:
             slot.view(c, h, w).copy_(image)
         offset += image.numel()
     if not same:
-        return RaggedImages(pixels, tuple((h, w, c) for c, h, w in shapes))
+        return RaggedImages(pixels, tuple((h, w, c) for c, h, w in shapes), lease)
     c, h, w = shapes[0]
     return pixels.view(len(images), h, w, c).permute(0, 3, 1, 2) if hwc else pixels.view(len(images), c, h, w)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cliplite_dist.config import DataConfig
 from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
-from cliplite_dist.data.imagebatch import collate_images
+from cliplite_dist.data.imagebatch import SharedBuffers, collate_images
 from cliplite_dist.data.opener import ShardOpener
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.slots import SlotPosition, SlotReader, stable_seed
@@ -153,6 +153,7 @@ class ShardStream(IterableDataset):
         samples = SlotReader(self.corpora, self.cfg.resampled, self.cfg.shuffle_buffer, self.seed, self.epoch,
                              slot, num_slots, counter, self.opener).samples(position)
         batch_size, record = self.cfg.batch_size, self.cfg.record_keys
+        buffers = SharedBuffers() if get_worker_info() is not None else None  # in-process: no hand-off
         while True:
             images, captions, keys = [], [], []
             for sample, position in samples:
@@ -170,7 +171,7 @@ class ShardStream(IterableDataset):
                 if len(images) == batch_size:
                     break
             info = BatchInfo(self.epoch, reader, position.to_dict(), counter.snapshot(), keys)
-            yield collate_images(images), self.tokenizer(captions), info
+            yield collate_images(images, buffers), self.tokenizer(captions), info
 
 
 # glibc mallopt parameters (malloc.h)
