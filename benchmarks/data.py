@@ -3,8 +3,9 @@ with the crop resized in the worker or left to the training device.
 
 A data-loader worker is one process running one intra-op thread with glibc keeping freed memory
 (`pipeline.configure_worker`), so every cell runs in a single process configured the same way,
-without DataLoader workers: samples/s here is per worker. Rates are given per CPU-second of that process (a worker with a core to itself; other
-jobs on a shared machine do not skew them) and per wall second, with the CPU share between them.
+without DataLoader workers (but for the loader-worker rows): samples/s here is per worker. Rates
+are given per CPU-second of that process (a worker with a core to itself; other jobs on a shared
+machine do not skew them) and per wall second, with the CPU share between them.
 Stages, measured on the same shards:
 
   read            raw tar read (`iterate_samples`): I/O + tar parsing, the ceiling of them all
