@@ -52,7 +52,7 @@ from torchvision import transforms as T
 
 from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
 from cliplite_dist.data.badsamples import BadDataCounter
-from cliplite_dist.data.pipeline import SampleDecoder, ShardStream, configure_worker, make_loader
+from cliplite_dist.data.pipeline import PREFETCH_BATCHES, SampleDecoder, ShardStream, configure_worker, make_loader
 from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
@@ -67,7 +67,6 @@ SETS = (("tiny-vit", 64), ("ViT-B-32", 256), ("ViT-B-32", 512))  # (model, side 
 SHARD_SIZE, FULL_SHARDS, QUICK_SHARDS = 500, 4, 1
 FULL_REPEATS, QUICK_REPEATS = 5, 3
 BATCH_SIZE, SHUFFLE_BUFFER = 64, 1000  # the tiny-cpu recipe's loader
-LOADER_PREFETCH = 4  # batches make_loader's worker prepares ahead (its prefetch_factor)
 CAPTION_KEY = "json:captions"
 IMAGE_KEYS = tuple(DataConfig().image_keys.split(";"))
 DECODERS = ("PIL", "torchvision.io")
@@ -171,7 +170,7 @@ def loader_passes(batches: Iterator[tuple], count: int, repeats: int) -> tuple[i
     next when the window closes: the rate errs low by up to 1 / count)."""
     walls, cpus = [], []
     for _ in range(repeats):
-        pipeline_stage(batches, LOADER_PREFETCH)
+        pipeline_stage(batches, PREFETCH_BATCHES)
         wall, cpu = time.perf_counter(), worker_cpu_seconds()
         samples = pipeline_stage(batches, count)
         walls.append(time.perf_counter() - wall)

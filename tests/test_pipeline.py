@@ -225,9 +225,9 @@ class _FreedMemory(torch.utils.data.IterableDataset):
 
 
 def test_loader_workers_run_one_thread_and_keep_freed_memory_for_the_next_batch():
-    from cliplite_dist.data.pipeline import _worker_init
+    from cliplite_dist.data.pipeline import configure_worker
 
-    (threads, given_back), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1, worker_init_fn=_worker_init)
+    (threads, given_back), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1, worker_init_fn=configure_worker)
     assert threads == 1 and given_back < 16 << 20  # kept for the next batch instead of faulted in afresh
     (_, default_given_back), = DataLoader(_FreedMemory(), batch_size=None, num_workers=1)
     assert default_given_back > 48 << 20  # glibc's default: a block this large goes back to the system

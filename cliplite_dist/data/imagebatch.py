@@ -77,8 +77,9 @@ class SharedBuffers:
     training process calls `RaggedImages.release`. A batch nobody releases is never overwritten:
     while no kept buffer is free and large enough, a new one is made, and beyond `keep` buffers
     new ones are not kept (each batch then gets fresh shared memory, as without this pool). With
-    the loader's 4 prefetched batches, the one being pinned and the one in the step, about 7 are
-    in flight per worker either way; `keep` bounds what a consumer that never releases costs."""
+    the loader's prefetched batches (pipeline.PREFETCH_BATCHES, 4), the one being pinned and the
+    one in the step, about 7 are in flight per worker either way; `keep` bounds what a consumer
+    that never releases costs."""
 
     def __init__(self, keep: int = 8):
         self.keep = keep

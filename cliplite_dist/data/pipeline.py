@@ -196,20 +196,20 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW))
 
 
-def configure_worker() -> None:
-    """One intra-op thread per worker (the trainer process needs the cores for the model), and
-    large blocks reused (`keep_freed_memory`)."""
+def configure_worker(_worker_id: int = 0) -> None:
+    """Every loader worker's first call (DataLoader's worker_init_fn): one intra-op thread per
+    worker (the trainer process needs the cores for the model), and large blocks reused
+    (`keep_freed_memory`)."""
     torch.set_num_threads(1)
     keep_freed_memory()
 
 
-def _worker_init(_: int) -> None:
-    configure_worker()
+PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (the DataLoader's prefetch_factor)
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      worker_init_fn=_worker_init, prefetch_factor=4 if workers else None,
+                      worker_init_fn=configure_worker, prefetch_factor=PREFETCH_BATCHES if workers else None,
                       persistent_workers=False)
 
 
