@@ -57,7 +57,7 @@ from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.data.tokens import BatchTokenizer
-from cliplite_dist.data.imagebatch import collate_images, release
+from cliplite_dist.data.imagebatch import collate_images
 from cliplite_dist.data.transforms import DeviceTransform, decode_pil, decode_uint8, uint8_train_transform
 from cliplite_dist.models import Towers, build_towers
 from common import (add_common_args, entry_point, markdown_table, pyplot, results_folder, run_cells, save_figure,
@@ -147,9 +147,9 @@ def pipeline_stage(batches: Iterator[tuple], count: int) -> int:
     read per decoded sample (filling the shuffle buffer happens once per epoch, not per pass).
     Each batch is released once counted, as the trainer releases it once on the device."""
     samples = 0
-    for images, _, _ in itertools.islice(batches, count):
+    for images, _, info in itertools.islice(batches, count):
         samples += len(images)
-        release(images)
+        info.release()
     return samples
 
 

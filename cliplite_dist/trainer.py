@@ -23,7 +23,6 @@ from cliplite_dist import checkpoint, rundir
 from cliplite_dist.config import Config, dump_config
 from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadData, exceeds, fractions,
                                            too_much_bad_data)
-from cliplite_dist.data.imagebatch import release
 from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, make_loader
 from cliplite_dist.data.shards import ShardError, all_urls, count_samples, resolve_corpora
 from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
@@ -317,8 +316,9 @@ class Trainer:
             if self.keys_file is not None:
                 self.keys_file.write(json.dumps({"step": step + 1, "keys": info.keys}) + "\n")
             inputs = self.image_transform(images.to(self.device, non_blocking=True))
-            release(images)  # now in `inputs`: its loader worker may write the next batch over it
-            out = engine(inputs, tokens.to(self.device, non_blocking=True))
+            token_ids = tokens.to(self.device, non_blocking=True, copy=True)
+            info.release()  # both copied: its loader worker may write the next batch over them
+            out = engine(inputs, token_ids)
             engine.backward(out.loss)
             micro += 1
             log_now = micro % accum == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total)
