@@ -16,16 +16,16 @@ Stages, measured on the same shards:
                   (crop, to float, normalise) vs the trainer's: the same crop in transforms.v2 on
                   uint8 tensors (cliplite_dist/data/transforms.py; the trainer normalises on the
                   device, so a worker never does), resized in the worker (resize "worker", the
-                  CPU default) or only cut out (resize "device", data.resize_on=device, the CUDA
-                  default)
+                  CPU default) or only drawn (resize "device", data.resize_on=device, the CUDA
+                  default: the whole image and its box go to the device)
   pipeline        ShardStream batches (read, shuffle block, decode, augment, caption pick,
                   tokenise, batch); the torchvision.io rows are what the trainer runs. Reported as %
                   of the decoder's decode-only ceiling and of decode + augment.
   loader worker   the same stream run by one real DataLoader worker (`pipeline.make_loader`, as the
                   trainer builds it), timed by the worker's CPU seconds (from /proc): adds handing
                   each batch to the training process through shared memory
-  device resize   what resize "device" leaves to the training device (resize every crop of a
-                  batch + normalise), timed on this machine's CPU at one thread: the reason CPU
+  device resize   what resize "device" leaves to the training device (cut and resize every crop
+                  of a batch + normalise), timed on this machine's CPU at one thread: the reason CPU
                   runs resize in the workers instead (a GPU does it in well under a millisecond)
 
 Shards hold synthetic caption scenes, written once into --cache-dir and reused: 64 px for
@@ -138,7 +138,7 @@ def tokenise_stage(captions: list[str], tokenizer: Callable, batch_size: int = B
 
 
 def device_stage(crops: list, transform: DeviceTransform) -> int:
-    """Resize and normalise batches of unresized crops as the training device would."""
+    """Cut, resize and normalise batches of whole images with crop boxes as the training device would."""
     return sum(len(transform(batch)) for batch in crops)
 
 

@@ -56,12 +56,14 @@ def test_pipeline_batches_are_what_the_trainer_gets(shard, tiny, decoder):
     assert not any(info.bad["counts"].values()) and info.bad["good"] >= 8
 
 
-def test_resize_on_device_batches_carry_unresized_crops(shard, tiny):
+def test_resize_on_device_batches_carry_whole_images_and_crop_boxes(shard, tiny):
     stream = bench.make_stream(shard, bench.make_decoder("torchvision.io", tiny.train_transform, "device"),
                                tiny.tokenizer, batch_size=8)
     crops, tokens, _ = next(iter(stream))
     assert isinstance(crops, RaggedImages) and len(crops) == 8 and tokens.shape == (8, 32)
-    assert all(h <= 64 and w <= 64 and c == 3 for h, w, c in crops.shapes)  # 64 px shards, crop scale <= 1
+    assert crops.shapes == ((64, 64, 3),) * 8  # 64 px shards, sent whole
+    assert all(0 <= top and 0 <= left and top + h <= 64 and left + w <= 64 and h * w >= 0.9 * 64 * 64 * 3 / 4
+               for top, left, h, w in crops.boxes)  # open_clip's crop: scale (0.9, 1), ratio (3/4, 4/3)
 
 
 def test_loader_passes_time_the_worker_that_made_the_batches(shard, tiny):

@@ -13,7 +13,7 @@ from torchvision import transforms as T
 
 from cliplite_dist.config import ModelConfig
 from cliplite_dist.data.synthetic import make_sample
-from cliplite_dist.data.imagebatch import RaggedImages, collate_images
+from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages, collate_images
 from cliplite_dist.data.transforms import DeviceTransform, crop_box, decode_pil, decode_uint8, uint8_train_transform
 from cliplite_dist.models import build_towers, preprocess_config
 
@@ -55,7 +55,7 @@ def test_uint8_crop_then_device_normalize_equals_open_clip_train_transform(jpegs
         assert got.dtype == expected.dtype and got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert DeviceTransform(pil_transform, torch.device("cpu"), torch.bfloat16)(
-        torch.zeros(1, 3, 4, 4, dtype=torch.uint8)).dtype == torch.bfloat16
+        torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).dtype == torch.bfloat16
 
 
 def test_steps_without_a_uint8_equivalent_are_refused():
@@ -92,7 +92,8 @@ def test_crops_resized_on_the_device_match_the_workers_resize(jpegs, tiny_train_
     resized = collate_images([worker(image) for image in images])
     random.seed(3)
     crops = collate_images([unresized(image) for image in images])
-    assert isinstance(crops, RaggedImages) and len({shape for shape in crops.shapes}) > 1  # scale (0.9, 1)
+    assert isinstance(crops, RaggedImages) and len({box[2:] for box in crops.boxes}) > 1  # scale (0.9, 1)
+    assert crops.shapes == tuple(tuple(image.permute(1, 2, 0).shape) for image in images)  # sent whole
     device = DeviceTransform(tiny_train_transform, torch.device("cpu"), torch.float32)
     on_device = device.resize(crops)
     assert on_device.shape == resized.shape == (len(images), 3, 64, 64)
@@ -102,10 +103,18 @@ def test_crops_resized_on_the_device_match_the_workers_resize(jpegs, tiny_train_
     torch.testing.assert_close(device(crops), device(resized), atol=1.5 / (255 * 0.26), rtol=0)
 
 
-def test_unresized_crops_of_one_size_are_resized_too(tiny_train_transform):
-    crops = torch.randint(0, 256, (2, 3, 50, 40), dtype=torch.uint8)
+def test_crop_boxes_of_one_size_are_cut_and_resized_and_a_stacked_batch_must_have_the_model_size(
+        tiny_train_transform):
+    images = torch.randint(0, 256, (2, 3, 50, 40), dtype=torch.uint8)
+    boxed = collate_images([BoxedImage(image, (5, 0, 40, 40)) for image in images])
+    assert isinstance(boxed, RaggedImages) and boxed.boxes == ((5, 0, 40, 40),) * 2
     device = DeviceTransform(tiny_train_transform, torch.device("cpu"), torch.float32)
-    assert device(crops).shape == (2, 3, 64, 64)
+    expected = DeviceTransform(tiny_train_transform, torch.device("cpu"), torch.float32).resize(
+        collate_images([images[0][:, 5:45], images[1][:, 5:45, :39]]))  # ragged, so resized one by one
+    torch.testing.assert_close(device.resize(boxed)[0], expected[0], rtol=0, atol=0)
+    assert device(boxed).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"\(50, 40\) px"):
+        device(images)
 
 
 def test_batches_keep_the_memory_layout_and_ragged_crops_round_trip(jpegs):
@@ -119,8 +128,15 @@ def test_batches_keep_the_memory_layout_and_ragged_crops_round_trip(jpegs):
     ragged = collate_images(crops)
     assert isinstance(ragged, RaggedImages) and len(ragged) == 3
     assert ragged.shapes == ((10, 20, 3), (25, 6, 3), (64, 64, 3))
+    assert ragged.boxes == ((0, 0, 10, 20), (0, 0, 25, 6), (0, 0, 64, 64))
     assert ragged.pixels.numel() == sum(crop.numel() for crop in crops)
     for got, expected in zip(ragged.to(torch.device("cpu")).images(), crops):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    boxes = [(0, 0, 10, 20), (5, 3, 25, 6), (0, 0, 64, 64)]
+    whole = collate_images([BoxedImage(image, box) for image, box in zip(decoded, boxes)])
+    assert whole.shapes == ((64, 64, 3),) * 3 and whole.boxes == tuple(boxes)
+    assert whole.pixels.numel() == sum(image.numel() for image in decoded)  # whole images travel
+    for got, expected in zip(whole.images(), crops):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

@@ -13,6 +13,8 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -21,7 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cliplite_dist.config import DataConfig
 from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
-from cliplite_dist.data.imagebatch import SharedBuffers, collate_batch
+from cliplite_dist.data.handoff import HandOff, SharedBuffers, collate_batch, forget
+from cliplite_dist.data.imagebatch import BoxedImage
 from cliplite_dist.data.opener import ShardOpener
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.slots import SlotPosition, SlotReader, stable_seed
@@ -46,7 +49,7 @@ class SampleDecoder:
     pick_first_caption: bool = False  # evaluation: deterministic caption
     decode: Callable = decode_pil
 
-    def image(self, sample: dict) -> torch.Tensor:
+    def image(self, sample: dict) -> torch.Tensor | BoxedImage:
         for key in self.image_keys:
             if key in sample:
                 return self.transform(self.decode(sample[key]))
@@ -79,7 +82,7 @@ def _where(sample: dict) -> str:
     return f"{sample.get('__url__')}:{sample.get('__key__')}"
 
 
-def image_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounter) -> torch.Tensor | None:
+def image_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounter) -> torch.Tensor | BoxedImage | None:
     try:
         return decoder.image(sample)
     except Exception as exc:  # undecodable, truncated, no image field
@@ -117,7 +120,7 @@ class BatchInfo:
     position: dict
     bad: dict
     keys: list[str] = field(default_factory=list)
-    lease: torch.Tensor | None = None  # imagebatch.SharedBuffers' flag byte
+    lease: torch.Tensor | None = None  # handoff.SharedBuffers' flag byte
 
     def release(self) -> None:
         """Let the worker that wrote this batch's images and tokens overwrite them: call once
@@ -128,7 +131,8 @@ class BatchInfo:
 
 class ShardStream(IterableDataset):
     """Endless batches of (images, tokens, BatchInfo) for one rank; images as
-    `imagebatch.collate_images` makes them (a uint8 tensor, or RaggedImages of unresized crops).
+    `imagebatch.collate_images` makes them (a uint8 tensor, or RaggedImages: whole images and
+    the crop boxes the device cuts).
     From a loader worker, release each batch (`BatchInfo.release`) once done with it, or the
     worker writes every batch into fresh shared memory.
 
@@ -140,6 +144,8 @@ class ShardStream(IterableDataset):
         self.corpora, self.cfg, self.decoder, self.tokenizer = corpora, cfg, decoder, tokenizer
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.opener = ShardOpener(cfg.cache_dir)
+        self.id = int.from_bytes(os.urandom(8), "little")  # names the buffers its workers hand over
+        weakref.finalize(self, forget, self.id)
         self.epoch, self.first_reader = 0, 0
         self.starts: dict[int, tuple[SlotPosition, dict | None]] = {}
 
@@ -199,7 +205,8 @@ class ShardStream(IterableDataset):
                     if record:
                         keys.append(f"{sample['__url__']}#{sample['__key__']}")
             images, tokens, lease = collate_batch(images, self.tokenizer(captions), buffers)
-            yield images, tokens, BatchInfo(self.epoch, reader, position.to_dict(), counter.snapshot(), keys, lease)
+            batch = images, tokens, BatchInfo(self.epoch, reader, position.to_dict(), counter.snapshot(), keys, lease)
+            yield batch if buffers is None else HandOff(self.id, buffers, batch)
 
 
 # glibc mallopt parameters (malloc.h)

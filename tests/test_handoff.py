@@ -1,11 +1,21 @@
 """A loader worker's batches (images and token ids in one buffer) go into reused shared memory: a
 buffer is written again only after the training process released the batch in it, never while a
-batch is still held, and a batch reaches the training process as one shared buffer."""
+batch is still held; a buffer's descriptor crosses to the training process once, later batches in
+it name it."""
+import os
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
 import torch
+from torch.multiprocessing.reductions import init_reductions
 from torch.utils.data import DataLoader, IterableDataset
 
-from cliplite_dist.data.imagebatch import LEASE_BYTES, RaggedImages, SharedBuffers, collate_batch
+from cliplite_dist.data import handoff
+from cliplite_dist.data.handoff import LEASE_BYTES, HandOff, SharedBuffers, collate_batch
+from cliplite_dist.data.imagebatch import RaggedImages
 from cliplite_dist.data.pipeline import BatchInfo
+
+init_reductions()  # torch's pickling of shared storages, as in a DataLoader's queues
 
 
 def crops(value: int, sizes=((30, 20), (25, 40))) -> list[torch.Tensor]:
@@ -16,7 +26,7 @@ def token_ids(value: int, rows: int = 2) -> torch.Tensor:
     return torch.arange(rows * 7, dtype=torch.int64).view(rows, 7) + 1000 * value
 
 
-def batch(value: int, buffers: SharedBuffers, sizes=((30, 20), (25, 40))) -> tuple:
+def batch(value: int, buffers: SharedBuffers | None, sizes=((30, 20), (25, 40))) -> tuple:
     images, tokens, lease = collate_batch(crops(value, sizes), token_ids(value, len(sizes)), buffers)
     return images, tokens, BatchInfo(0, 0, {}, {}, [], lease)
 
@@ -27,13 +37,13 @@ def pixel_values(images) -> list[int]:
 
 
 def test_images_and_tokens_share_one_buffer_and_a_fresh_one_without_a_pool():
-    images, tokens, lease = collate_batch(crops(4), token_ids(4))
-    assert lease is None and not images.pixels.is_shared()
+    images, tokens, info = batch(4, None)
+    assert info.lease is None and not images.pixels.is_shared()
     assert torch.equal(tokens, token_ids(4)) and pixel_values(images) == [4, 4, 4, 4]
-    images, tokens, lease = collate_batch(crops(5), token_ids(5), SharedBuffers())
+    images, tokens, info = batch(5, SharedBuffers())
     storage = images.pixels.untyped_storage()
-    assert storage.data_ptr() == tokens.untyped_storage().data_ptr() == lease.untyped_storage().data_ptr()
-    assert images.pixels.is_shared() and int(lease) == 1
+    assert storage.data_ptr() == tokens.untyped_storage().data_ptr() == info.lease.untyped_storage().data_ptr()
+    assert images.pixels.is_shared() and int(info.lease) == 1
     assert torch.equal(tokens, token_ids(5)) and pixel_values(images) == [5, 5, 5, 5]
     assert tokens.data_ptr() % 8 == 0 and tokens.data_ptr() >= images.pixels.data_ptr() + images.pixels.numel()
 
@@ -54,42 +64,69 @@ def test_small_released_buffers_are_dropped_and_the_pool_stays_bounded():
     buffers = SharedBuffers(keep=2)
     batch(1, buffers)[2].release()
     large = batch(2, buffers, sizes=((100, 90), (80, 70)))  # too big for the first buffer
-    assert buffers.buffers and all(b.numel() >= LEASE_BYTES + large[0].pixels.numel() for b in buffers.buffers)
+    assert list(buffers.buffers) == [1] and buffers.buffers[1].numel() >= LEASE_BYTES + large[0].pixels.numel()
     held = [batch(i, buffers, sizes=((100, 90), (80, 70))) for i in range(3)]
     assert len(buffers.buffers) == 2 and held[-1][2].lease is None  # beyond `keep`: fresh and unpooled
     held[-1][2].release()  # no lease: nothing to do
     for _, _, info in held[:-1]:
         info.release()
+    large[2].release()
     stacked, tokens, info = batch(5, buffers, sizes=((10, 10), (10, 10)))
     assert isinstance(stacked, torch.Tensor) and stacked.is_shared() and int(info.lease) == 1  # pooled too
     assert stacked.shape == (2, 3, 10, 10) and pixel_values(stacked) == [5, 5, 5, 5]
 
 
+def test_a_buffer_crosses_once_then_batches_in_it_only_name_it():
+    buffers, stream = SharedBuffers(keep=1), 12345
+    first = batch(1, buffers)
+    sent = HandOff(stream, buffers, first).__reduce__()[1]
+    assert isinstance(sent[3], torch.UntypedStorage)  # the buffer itself, the first time
+    first[2].release()
+    again = HandOff(stream, buffers, batch(2, buffers)).__reduce__()[1]
+    assert again[3] is None and again[2] == sent[2]  # the same buffer, named
+    unpooled = batch(3, buffers)  # the kept one is held: a fresh one, sent whole
+    assert isinstance(HandOff(stream, buffers, unpooled).__reduce__()[1][3], torch.UntypedStorage)
+    # pickled and rebuilt as the DataLoader does: the plain tuple over the same memory
+    try:
+        images, tokens, info = pickle.loads(ForkingPickler.dumps(HandOff(stream, buffers, unpooled)))
+        assert torch.equal(tokens, token_ids(3)) and pixel_values(images) == [3, 3, 3, 3] and info.lease is None
+    finally:
+        handoff.forget(stream)
+
+
 class _Batches(IterableDataset):
-    """Eight batches from one worker's pool, each filled with its number, with the pool's size
-    when it was made; even ones ragged, odd ones stacked."""
+    """Eight batches from one worker's pool, each filled with its number, handed over as the
+    stream hands them; even ones ragged, odd ones stacked; the fifth larger than any before."""
+
+    stream = 777
 
     def __iter__(self):
         buffers = SharedBuffers()
         for i in range(8):
-            yield *batch(i, buffers, sizes=((30, 20), (25, 40)) if i % 2 == 0 else ((16, 16), (16, 16))), \
-                len(buffers.buffers)
+            sizes = ((30, 20), (25, 40)) if i % 2 == 0 else ((16, 16), (16, 16))
+            yield HandOff(self.stream, buffers, batch(i, buffers, sizes if i != 4 else ((200, 300), (100, 100))))
 
 
 def test_through_a_loader_worker_released_buffers_come_back_and_a_held_batch_stays_intact():
     loader = DataLoader(_Batches(), batch_size=None, num_workers=1, prefetch_factor=2)
-    pool_sizes = []
-    held = None
-    for images, tokens, info, pool_size in loader:
+    held, buffers_seen = None, set()
+    for i, (images, tokens, info) in enumerate(loader):
         pixels = images.pixels if isinstance(images, RaggedImages) else images
-        assert pixels.is_shared() and info.lease is not None
+        assert pixels.is_shared() and info.lease is not None and pixel_values(images) == [i] * 4
+        assert torch.equal(tokens, token_ids(i))
         # one buffer crossed the process boundary: images, tokens and lease share its memory here too
         assert pixels.untyped_storage().data_ptr() == tokens.untyped_storage().data_ptr() \
             == info.lease.untyped_storage().data_ptr()
-        pool_sizes.append(pool_size)
+        buffers_seen.add(tokens.untyped_storage().data_ptr())
         if held is None:
             held = images, tokens  # never released: its buffer must never be written again
         else:
             info.release()
     assert pixel_values(held[0]) == [0, 0, 0, 0] and torch.equal(held[1], token_ids(0))
-    assert len(pool_sizes) == 8 and max(pool_sizes) <= 5, pool_sizes  # released buffers were reused
+    assert len(buffers_seen) <= 5, buffers_seen  # released buffers were reused
+    pools = handoff._RECEIVED[_Batches.stream]
+    (pid, _), = pools
+    assert pid != os.getpid() and len(pools[next(iter(pools))]) <= 4  # the small buffers dropped were forgotten
+    del loader
+    handoff.forget(_Batches.stream)
+    assert _Batches.stream not in handoff._RECEIVED
