@@ -9,10 +9,10 @@ loader worker the buffer is shared memory that also holds the batch's token ids 
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
 
@@ -58,11 +58,13 @@ class RaggedImages:
 
 
 def _copy_image(slot: torch.Tensor, image: torch.Tensor, hwc: bool) -> None:
-    """Write a CHW image into a flat slot of its size, HWC if `hwc`. An image already laid out so
-    in memory is copied as one block by numpy (half the time of torch's copy_ for 256 px)."""
+    """Write a CPU CHW image into a flat contiguous slot of its size and dtype, HWC if `hwc`. An
+    image already laid out so in memory is one block: one memmove, half the time of torch's
+    copy_ for a 256 px image."""
     source = image.permute(1, 2, 0) if hwc else image
-    if source.is_contiguous():
-        np.copyto(slot.numpy(), source.numpy().reshape(-1))
+    if source.is_contiguous() and slot.is_contiguous() and slot.numel() == source.numel() \
+            and slot.dtype == source.dtype:
+        ctypes.memmove(slot.data_ptr(), source.data_ptr(), source.numel() * source.element_size())
     else:
         slot.view(*source.shape).copy_(source)
 

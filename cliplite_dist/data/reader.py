@@ -22,9 +22,9 @@ from cliplite_dist.data.shards import is_missing
 def split_member_name(name: str) -> tuple[str, str] | None:
     """(sample key, field) of a tar member, or None for names without a field (skipped)."""
     directory, _, base = name.rpartition("/")
-    if "." not in base or base.startswith("."):
+    stem, dot, field = base.partition(".")
+    if not dot or not stem:
         return None
-    stem, field = base.split(".", 1)
     return (f"{directory}/{stem}" if directory else stem), field.lower()
 
 
@@ -47,9 +47,10 @@ def _byte_sum(header) -> int:
 
 
 def _octal(field: bytes) -> int:
+    """A numeric header field: octal digits ended by NUL or space, or GNU base-256."""
     if field[:1] and field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
         return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
+    digits = field.partition(b"\0")[0].strip()
     return int(digits, 8) if digits else 0
 
 

@@ -44,8 +44,9 @@ class BatchTokenizer:
         if not (text.isascii() and text.isprintable() and "&" not in text):
             return self.tokenizer.encode(text)  # ftfy and HTML unescaping may change it
         ids: list[int] = []
+        known = self.word_ids.get
         for word in self.tokenizer.pat.findall(" ".join(text.split()).lower()):
-            ids += self._word(word)
+            ids += known(word) or self._word(word)
         return ids
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
