@@ -28,6 +28,7 @@ setup(
         "submitit>=1.5",
         "pyyaml",
         "pillow",
+        "simplejpeg>=1.7",  # libjpeg-turbo decoding into a given buffer (cliplite_dist/data/jpeg.py)
         "numpy",
         "safetensors",
     ],

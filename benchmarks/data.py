@@ -1,5 +1,6 @@
-"""Data pipeline samples/s per worker against its ceilings, for PIL and torchvision.io decoding,
-with the crop resized in the worker or left to the training device.
+"""Data pipeline samples/s per worker against its ceilings, for PIL and the trainer's decoding
+(simplejpeg, libjpeg-turbo; torchvision.io as a reference), with the crop resized in the worker
+or left to the training device.
 
 A data-loader worker is one process running one intra-op thread with glibc keeping freed memory
 (`pipeline.configure_worker`), so every cell runs in a single process configured the same way,
@@ -11,7 +12,8 @@ Stages, measured on the same shards:
   read            raw tar read (`iterate_samples`): I/O + tar parsing, the ceiling of them all
   tokenise        captions -> tokens alone, in batches: open_clip's tokenizer vs the trainer's
                   BatchTokenizer (cliplite_dist/data/tokens.py: the same ids)
-  decode          JPEG bytes held in memory -> RGB image: PIL vs torchvision.io.decode_image
+  decode          JPEG bytes held in memory -> RGB image: PIL vs the trainer's
+                  (transforms.decode_uint8: simplejpeg for JPEGs), and torchvision.io.decode_image
   decode+augment  + what a worker applies after decoding: open_clip's transform on PIL images
                   (crop, to float, normalise) vs the trainer's: the same crop in transforms.v2 on
                   uint8 tensors (cliplite_dist/data/transforms.py; the trainer normalises on the
@@ -19,8 +21,10 @@ Stages, measured on the same shards:
                   CPU default) or only drawn (resize "device", data.resize_on=device, the CUDA
                   default: the whole image and its box go to the device)
   pipeline        ShardStream batches (read, shuffle block, decode, augment, caption pick,
-                  tokenise, batch); the torchvision.io rows are what the trainer runs. Reported as %
-                  of the decoder's decode-only ceiling and of decode + augment.
+                  tokenise, batch); the simplejpeg rows are what the trainer runs (with the crop
+                  resized on the device, JPEGs are decoded straight into the batch's shared
+                  memory). Reported as % of the same decoder's decode-only ceiling and of
+                  decode + augment.
   loader worker   the same stream run by one real DataLoader worker (`pipeline.make_loader`, as the
                   trainer builds it), timed by the worker's CPU seconds (from /proc): adds handing
                   each batch to the training process through shared memory
@@ -49,6 +53,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_image
 
 from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
 from cliplite_dist.data.badsamples import BadDataCounter
@@ -69,14 +74,15 @@ FULL_REPEATS, QUICK_REPEATS = 5, 3
 BATCH_SIZE, SHUFFLE_BUFFER = 64, 1000  # the tiny-cpu recipe's loader
 CAPTION_KEY = "json:captions"
 IMAGE_KEYS = tuple(DataConfig().image_keys.split(";"))
-DECODERS = ("PIL", "torchvision.io")
+DECODERS = ("PIL", "simplejpeg")  # open_clip's way, the trainer's
 # (stage, decoder, where the crop is resized) per set of shards, in table order
-STAGES = (("read", "-", "-"), ("tokenise", "open_clip", "-"), ("tokenise", "ours", "-"), ("decode", "PIL", "-"), ("decode", "torchvision.io", "-"),
-          ("decode+augment", "PIL", "worker"), ("decode+augment", "torchvision.io", "worker"),
-          ("decode+augment", "torchvision.io", "device"), ("pipeline", "PIL", "worker"),
-          ("pipeline", "torchvision.io", "worker"), ("pipeline", "torchvision.io", "device"),
-          ("loader", "torchvision.io", "worker"), ("loader", "torchvision.io", "device"),
-          ("device resize", "torchvision.io", "device"))
+STAGES = (("read", "-", "-"), ("tokenise", "open_clip", "-"), ("tokenise", "ours", "-"), ("decode", "PIL", "-"),
+          ("decode", "torchvision.io", "-"), ("decode", "simplejpeg", "-"),
+          ("decode+augment", "PIL", "worker"), ("decode+augment", "simplejpeg", "worker"),
+          ("decode+augment", "simplejpeg", "device"), ("pipeline", "PIL", "worker"),
+          ("pipeline", "simplejpeg", "worker"), ("pipeline", "simplejpeg", "device"),
+          ("loader", "simplejpeg", "worker"), ("loader", "simplejpeg", "device"),
+          ("device resize", "simplejpeg", "device"))
 STAGE_LABELS = {"read": "raw tar read", "tokenise": "tokenise", "decode": "decode",
                 "decode+augment": "decode + augment", "pipeline": "full pipeline",
                 "loader": "full pipeline in a loader worker",
@@ -94,8 +100,13 @@ def ensure_shards(cache: Path, image_px: int, num_shards: int) -> list[str]:
     return [str(path) for path in sorted((root / "train").glob("train-*.tar"))[:num_shards]]
 
 
-# ---- the two decoders and their train transforms -----------------------------------------------
-DECODE: dict[str, Callable] = {"PIL": decode_pil, "torchvision.io": decode_uint8}
+# ---- the decoders and their train transforms ---------------------------------------------------
+def decode_torchvision(data: bytes) -> torch.Tensor:
+    """torchvision.io's decode alone (the trainer's decoder before simplejpeg), for reference."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+DECODE: dict[str, Callable] = {"PIL": decode_pil, "torchvision.io": decode_torchvision, "simplejpeg": decode_uint8}
 
 
 def train_transform(decoder: str, pil_transform: T.Compose, resize: str = "worker") -> Callable:
@@ -292,17 +303,18 @@ def add_ceiling(rows: list[dict]) -> list[dict]:
 
 
 # (label, numerator, denominator) per set of shards; each side is (stage, decoder, resize)
-COMPARISONS = [(f"{STAGE_LABELS[stage]}: torchvision.io ÷ PIL", (stage, "torchvision.io", resize), (stage, "PIL", resize))
+COMPARISONS = [(f"{STAGE_LABELS[stage]}: simplejpeg ÷ PIL", (stage, "simplejpeg", resize), (stage, "PIL", resize))
                for stage, resize in (("decode", "-"), ("decode+augment", "worker"), ("pipeline", "worker"))] + [
+    ("decode: simplejpeg ÷ torchvision.io", ("decode", "simplejpeg", "-"), ("decode", "torchvision.io", "-")),
     ("tokenise: ours ÷ open_clip", ("tokenise", "ours", "-"), ("tokenise", "open_clip", "-")),
-    ("full pipeline: resize on device ÷ in worker", ("pipeline", "torchvision.io", "device"),
-     ("pipeline", "torchvision.io", "worker"))]
+    ("full pipeline: resize on device ÷ in worker", ("pipeline", "simplejpeg", "device"),
+     ("pipeline", "simplejpeg", "worker"))]
 
 
 def speedups(rows: list[dict]) -> list[list]:
-    """Per set of shards: torchvision.io ÷ PIL (crop resized in the worker) for each stage after
-    reading, our tokenizer ÷ open_clip's, and the full pipeline with the resize left to the
-    device ÷ in the worker."""
+    """Per set of shards: the trainer's decoding ÷ PIL (crop resized in the worker) for each stage
+    after reading, simplejpeg's decode ÷ torchvision.io's, our tokenizer ÷ open_clip's, and the
+    full pipeline with the resize left to the device ÷ in the worker."""
     rate = _rates(rows)
     return [[model, px, label, f"{rate[(model, px, *a)] / rate[(model, px, *b)]:.2f}x"]
             for model, px in SETS for label, a, b in COMPARISONS]
@@ -335,8 +347,9 @@ def plot(rows: list[dict], path: Path) -> None:
     """Horizontal bars per model, log scale: the stages span more than an order of magnitude."""
     plt = pyplot()
 
-    colours = {("open_clip", "-"): "tab:blue", ("ours", "-"): "tab:orange", ("PIL", "worker"): "tab:blue", ("PIL", "-"): "tab:blue", ("torchvision.io", "worker"): "tab:orange",
-               ("torchvision.io", "-"): "tab:orange", ("torchvision.io", "device"): "tab:green", ("-", "-"): "tab:grey"}
+    colours = {("open_clip", "-"): "tab:blue", ("ours", "-"): "tab:orange", ("PIL", "worker"): "tab:blue",
+               ("PIL", "-"): "tab:blue", ("torchvision.io", "-"): "tab:purple", ("simplejpeg", "worker"): "tab:orange",
+               ("simplejpeg", "-"): "tab:orange", ("simplejpeg", "device"): "tab:green", ("-", "-"): "tab:grey"}
     sets = list(dict.fromkeys((r["model"], r["image_px"]) for r in rows))
     fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.5), squeeze=False)
     for ax, (model, px) in zip(axes[0], sets):

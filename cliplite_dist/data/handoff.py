@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages, collate_images
+from cliplite_dist.data.jpeg import decode_jpeg_into
 
 LEASE_BYTES = 64  # ahead of the batch in a shared buffer (keeps it aligned); byte 0 is the lease
 TOKEN_ALIGN = 64  # byte offset of the token ids after the pixels (int64 views need 8)
@@ -83,20 +84,45 @@ def lease_of(tensor: torch.Tensor, buffers: SharedBuffers | None) -> torch.Tenso
     return torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage(), 0, (1,), (1,))
 
 
-def collate_batch(images: list[torch.Tensor | BoxedImage], tokens: torch.Tensor, buffers: SharedBuffers | None = None
-                  ) -> tuple[torch.Tensor | RaggedImages, torch.Tensor, torch.Tensor | None]:
-    """(images as `imagebatch.collate_images` makes them, a copy of `tokens`, lease) in one buffer:
-    from `buffers` in a loader worker (the lease to release it by; None if unpooled), else a new
-    one (lease None)."""
-    tensors = [image.image if isinstance(image, BoxedImage) else image for image in images]
-    dtype = tensors[0].dtype if tensors else torch.uint8
-    image_bytes = sum(image.numel() for image in tensors) * dtype.itemsize
+def _batch_buffer(image_bytes: int, tokens: torch.Tensor, buffers: SharedBuffers | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(`image_bytes` of memory for the pixels, a copy of `tokens` after them, lease) in one
+    buffer: from `buffers` in a loader worker (the lease to release it by; None if unpooled),
+    else a new one (lease None)."""
     token_offset = -(-image_bytes // TOKEN_ALIGN) * TOKEN_ALIGN
     nbytes = token_offset + tokens.numel() * tokens.element_size()
     buffer = buffers.take(nbytes) if buffers is not None else torch.empty(nbytes, dtype=torch.uint8)
     token_copy = buffer[token_offset:nbytes].view(tokens.dtype).view(tokens.shape)
     token_copy.copy_(tokens)
-    return collate_images(images, buffer[:image_bytes].view(dtype)), token_copy, lease_of(buffer, buffers)
+    return buffer[:image_bytes], token_copy, lease_of(buffer, buffers)
+
+
+def collate_batch(images: list[torch.Tensor | BoxedImage], tokens: torch.Tensor, buffers: SharedBuffers | None = None
+                  ) -> tuple[torch.Tensor | RaggedImages, torch.Tensor, torch.Tensor | None]:
+    """(images as `imagebatch.collate_images` makes them, a copy of `tokens`, lease) in one buffer
+    (`_batch_buffer`)."""
+    tensors = [image.image if isinstance(image, BoxedImage) else image for image in images]
+    dtype = tensors[0].dtype if tensors else torch.uint8
+    pixels, token_copy, lease = _batch_buffer(sum(image.numel() for image in tensors) * dtype.itemsize, tokens, buffers)
+    return collate_images(images, pixels.view(dtype)), token_copy, lease
+
+
+def collate_jpegs(jpegs: list[tuple[bytes, int, int, tuple[int, int, int, int]]], tokens: torch.Tensor,
+                  buffers: SharedBuffers | None = None) -> tuple[RaggedImages, torch.Tensor, torch.Tensor | None] | None:
+    """Like `collate_batch` for whole images with crop boxes, given as (JPEG data, height, width,
+    box) of `jpeg.jpeg_size`'d JPEGs: each decoded straight into its place in the buffer. None if
+    one turns out damaged (its buffer is released; the caller decodes the batch another way)."""
+    sizes = [height * width * 3 for _, height, width, _ in jpegs]
+    pixels, token_copy, lease = _batch_buffer(sum(sizes), tokens, buffers)
+    out, offset = pixels.numpy(), 0
+    for (data, height, width, _), size in zip(jpegs, sizes):
+        if not decode_jpeg_into(data, out[offset:offset + size], height, width):
+            if lease is not None:
+                lease.fill_(0)
+            return None
+        offset += size
+    shapes = tuple((height, width, 3) for _, height, width, _ in jpegs)
+    return RaggedImages(pixels, shapes, tuple(box for *_, box in jpegs)), token_copy, lease
 
 
 Place = tuple[torch.dtype, int, tuple[int, ...], tuple[int, ...]]  # a view's dtype, offset, size, stride

@@ -1,7 +1,7 @@
 """A worker's batch of uint8 training images, as one buffer.
 
 Images resized in the worker all have the model's input size and are stacked into one tensor, in
-the memory layout they come in (torchvision.io decodes to HWC memory, and stacking it as NHWC is
+the memory layout they come in (libjpeg-turbo decodes to HWC memory, and stacking it as NHWC is
 a plain copy where NCHW would be a slow transpose). Images whose crop the training device cuts
 and resizes (`data.resize_on=device`) travel whole, back to back in one flat buffer with their
 shapes and crop boxes (`RaggedImages`), pinned and copied to the device as one block. In a

@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cliplite_dist.config import DataConfig
 from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
-from cliplite_dist.data.handoff import HandOff, SharedBuffers, collate_batch, forget
+from cliplite_dist.data.handoff import HandOff, SharedBuffers, collate_batch, collate_jpegs, forget
 from cliplite_dist.data.imagebatch import BoxedImage
+from cliplite_dist.data.jpeg import jpeg_size
 from cliplite_dist.data.opener import ShardOpener
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.slots import SlotPosition, SlotReader, stable_seed
-from cliplite_dist.data.transforms import decode_pil
+from cliplite_dist.data.transforms import RandomResizedCropUint8, decode_pil, decode_uint8
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,21 @@ class SampleDecoder:
             if key in sample:
                 return self.transform(self.decode(sample[key]))
         raise KeyError(f"no image under any of {self.image_keys}")
+
+    @property
+    def sends_whole_jpegs(self) -> bool:
+        """Whether `whole_jpeg` applies: uint8 decoding, crops cut and resized on the device."""
+        return self.decode is decode_uint8 and isinstance(self.transform, RandomResizedCropUint8) \
+            and not self.transform.resize
+
+    def whole_jpeg(self, sample: dict) -> tuple[bytes, int, int, tuple[int, int, int, int]] | None:
+        """(JPEG data, height, width, crop box) of the sample's image, to be decoded straight into
+        a batch buffer (`handoff.collate_jpegs`); None if it is not a JPEG `jpeg` decodes."""
+        for key in self.image_keys:
+            if key in sample:
+                size = jpeg_size(sample[key])
+                return None if size is None else (sample[key], *size, self.transform.box(*size))
+        return None
 
     def caption(self, sample: dict, pick: int) -> str:
         """The caption: of a list, the non-empty one at `pick` modulo their number (the first
@@ -187,26 +203,44 @@ class ShardStream(IterableDataset):
         batch_size, record = self.cfg.batch_size, self.cfg.record_keys
         buffers = SharedBuffers() if get_worker_info() is not None else None  # in-process: no hand-off
         while True:
-            images, captions, keys = [], [], []
-            while len(images) < batch_size:
-                # Captions first, then the images of the batch in a row: decoding back to back
-                # keeps the decoder's code and tables in cache (4% of a 256 px sample's time).
-                taken, read_to = self._captioned(samples, batch_size - len(images), counter)
-                position = read_to or position
-                if not taken:
-                    break
-                for sample, caption in taken:
-                    image = image_or_none(sample, self.decoder, counter)
-                    if image is None:
-                        continue
-                    counter.good += 1
-                    images.append(image)
-                    captions.append(caption)
-                    if record:
-                        keys.append(f"{sample['__url__']}#{sample['__key__']}")
-            images, tokens, lease = collate_batch(images, self.tokenizer(captions), buffers)
+            taken, read_to = self._captioned(samples, batch_size, counter)
+            position = read_to or position
+            made = self._jpeg_batch(taken, buffers) if self.decoder.sends_whole_jpegs else None
+            if made is not None:
+                counter.good += len(taken)
+            else:  # decoded image by image; samples whose image fails are replaced
+                images, chosen = [], []
+                while taken:
+                    # Captions first, then the images in a row: decoding back to back keeps the
+                    # decoder's code and tables in cache (4% of a 256 px sample's time).
+                    for sample, caption in taken:
+                        image = image_or_none(sample, self.decoder, counter)
+                        if image is not None:
+                            counter.good += 1
+                            images.append(image)
+                            chosen.append((sample, caption))
+                    if len(images) == batch_size:
+                        break
+                    taken, read_to = self._captioned(samples, batch_size - len(images), counter)
+                    position = read_to or position
+                made = collate_batch(images, self.tokenizer([caption for _, caption in chosen]), buffers)
+                taken = chosen
+            images, tokens, lease = made
+            keys = [f"{sample['__url__']}#{sample['__key__']}" for sample, _ in taken] if record else []
             batch = images, tokens, BatchInfo(self.epoch, reader, position.to_dict(), counter.snapshot(), keys, lease)
             yield batch if buffers is None else HandOff(self.id, buffers, batch)
+
+    def _jpeg_batch(self, taken: list[tuple[dict, str]], buffers: SharedBuffers | None) -> tuple | None:
+        """The batch of `taken` with every JPEG decoded straight into its buffer; None if one is
+        not a JPEG `jpeg` decodes or turns out damaged (then the batch is decoded image by image,
+        which counts and replaces bad ones)."""
+        jpegs = []
+        for sample, _ in taken:
+            jpeg = self.decoder.whole_jpeg(sample)
+            if jpeg is None:
+                return None
+            jpegs.append(jpeg)
+        return collate_jpegs(jpegs, self.tokenizer([caption for _, caption in taken]), buffers)
 
 
 # glibc mallopt parameters (malloc.h)

@@ -1,11 +1,12 @@
-"""Training images as uint8 tensors: decoded by torchvision.io, cropped in uint8, normalised on the
+"""Training images as uint8 tensors: decoded by libjpeg-turbo, cropped in uint8, normalised on the
 device.
 
-A data-loader worker's time goes to decoding and augmenting. torchvision.io (libjpeg-turbo) plus
-transforms.v2 on uint8 tensors was 1.8x faster per worker than PIL with open_clip's transforms at
-224 px here (benchmarks/data.py), and a uint8 batch is a quarter of the bytes a float batch puts
-through the workers' shared memory and the host-to-device copy. Scaling to [0, 1] and
-mean/std normalisation then run once per batch on the training device (`DeviceTransform`).
+A data-loader worker's time goes to decoding and augmenting. libjpeg-turbo (simplejpeg for JPEGs,
+torchvision.io for other formats) plus transforms.v2 on uint8 tensors was 1.8x faster per worker
+than PIL with open_clip's transforms at 224 px here (benchmarks/data.py), and a uint8 batch is a
+quarter of the bytes a float batch puts through the workers' shared memory and the host-to-device
+copy. Scaling to [0, 1] and mean/std normalisation then run once per batch on the training device
+(`DeviceTransform`).
 The crop mirrors open_clip's train transform exactly (same arguments, interpolation and
 antialiasing); evaluation keeps open_clip's own PIL transforms.
 
@@ -31,6 +32,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
 from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages
+from cliplite_dist.data.jpeg import decode_jpeg
 
 # open_clip train-transform steps that only change the container (PIL -> tensor), not the pixels.
 FORMAT_ONLY = frozenset({"MaybeConvertMode", "MaybeToTensor", "ToTensor"})
@@ -43,9 +45,13 @@ def decode_pil(data: bytes) -> Image.Image:
 
 
 def decode_uint8(data: bytes) -> torch.Tensor:
-    """uint8 CHW RGB via torchvision.io (JPEG, PNG, WebP, GIF); other formats, and the rare files
-    libjpeg-turbo refuses but PIL reads (CMYK JPEGs, say), through PIL. bytearray: torch.frombuffer
-    warns on read-only bytes, and copying a compressed image costs microseconds."""
+    """uint8 CHW RGB (a view of HWC memory): JPEGs via simplejpeg (`jpeg`), other formats via
+    torchvision.io (PNG, WebP, GIF), and the rest, with the rare files libjpeg-turbo refuses but
+    PIL reads (CMYK JPEGs, say), through PIL. bytearray: torch.frombuffer warns on read-only
+    bytes, and copying a compressed image costs microseconds."""
+    image = decode_jpeg(data)
+    if image is not None:
+        return image
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
@@ -105,8 +111,12 @@ class RandomResizedCropUint8:
     antialias: bool
     resize: bool = True
 
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of a crop of an image of this size."""
+        return crop_box(height, width, self.scale, self.ratio, random)
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor | BoxedImage:
-        top, left, h, w = crop_box(image.shape[-2], image.shape[-1], self.scale, self.ratio, random)
+        top, left, h, w = self.box(image.shape[-2], image.shape[-1])
         if not self.resize:
             return BoxedImage(image, (top, left, h, w))
         return v2.functional.resized_crop(image, top, left, h, w, list(self.size),
