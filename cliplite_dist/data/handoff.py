@@ -51,8 +51,8 @@ class SharedBuffers:
         self._next_index = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
-        """`nbytes` of shared memory after a leased buffer's LEASE_BYTES (its lease set), or of a
-        fresh unpooled buffer (lease byte 0: nothing waits for it)."""
+        """`nbytes` of shared memory after a kept buffer's LEASE_BYTES (its lease set), or of a
+        fresh unpooled buffer (no lease: nothing waits for its release)."""
         free = [index for index, buffer in self.buffers.items() if not buffer[0]]
         fitting = [index for index in free if self.buffers[index].numel() >= LEASE_BYTES + nbytes]
         if fitting:
