@@ -168,7 +168,17 @@ def test_synth_cli_writes_a_readable_corpus(tmp_path, capsys):
         synth_main([str(tmp_path), "--samples", "0"])
 
 
-def test_tar_reader_handles_long_names_pax_gzip_and_damage(tmp_path):
+class _Trickle(io.RawIOBase):
+    """A stream that returns at most 100 bytes per read, as sockets and pipes may."""
+
+    def __init__(self, data: bytes):
+        self.data = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.data.read(100 if n < 0 else min(n, 100))
+
+
+def test_tar_reader_handles_long_names_pax_gzip_short_reads_and_damage(tmp_path):
     import gzip
 
     from cliplite_dist.data.reader import BrokenTar, tar_members
@@ -183,8 +193,8 @@ def test_tar_reader_handles_long_names_pax_gzip_and_damage(tmp_path):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
         raw = buf.getvalue()
-        for stream in (raw, gzip.compress(raw)):
-            got = list(tar_members(io.BytesIO(stream)))
+        for stream in (io.BytesIO(raw), io.BytesIO(gzip.compress(raw)), _Trickle(raw)):
+            got = list(tar_members(stream))
             assert [len(d) for _, d in got] == [700, 7] and got[1] == ("a/b.txt", b"caption")
             assert got[0][0] == (f"{long_key}.jpg" if fmt != tarfile.USTAR_FORMAT else "a/b.jpg")
         members_end = -(-len(raw.rstrip(b"\0")) // 512) * 512

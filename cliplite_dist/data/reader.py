@@ -87,8 +87,11 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
         buffer = b""
     pos, long_name, started = 0, None, False
     while True:
-        if len(buffer) - pos < BLOCK:
-            buffer, pos = buffer[pos:] + stream.read(CHUNK), 0
+        while len(buffer) - pos < BLOCK:  # streams may return less than asked before their end
+            more = stream.read(CHUNK)
+            if not more:
+                break
+            buffer, pos = buffer[pos:] + more, 0
         if pos == len(buffer):  # nothing more: fine before the first header, cut short after it
             if started:
                 raise BrokenTar("stream ends without the end-of-archive blocks (truncated)")
