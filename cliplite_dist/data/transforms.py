@@ -6,15 +6,14 @@ torchvision.io for other formats) plus transforms.v2 on uint8 tensors was 1.8x f
 than PIL with open_clip's transforms at 224 px here (benchmarks/data.py), and a uint8 batch is a
 quarter of the bytes a float batch puts through the workers' shared memory and the host-to-device
 copy. Scaling to [0, 1] and mean/std normalisation then run once per batch on the training device
-(`DeviceTransform`).
-The crop mirrors open_clip's train transform exactly (same arguments, interpolation and
-antialiasing); evaluation keeps open_clip's own PIL transforms.
+(`DeviceTransform`). The crop mirrors open_clip's train transform exactly (same arguments,
+interpolation and antialiasing); evaluation keeps open_clip's own PIL transforms.
 
 Resizing the crop costs a worker about as much as decoding a 256 px JPEG. With
 `data.resize_on=device` (the default on CUDA) a worker only draws the box and sends it with the
 whole image (`imagebatch.BoxedImage`), and `DeviceTransform` cuts and resizes each crop on the
-training device, in float32 (clamped to [0, 255],
-not rounded: within 1.5 grey levels, 0.3 on average, of the worker's fixed-point uint8 resize).
+training device, in float32 (clamped to [0, 255], not rounded: within 1.5 grey levels, 0.3 on
+average, of the worker's fixed-point uint8 resize).
 """
 from __future__ import annotations
 
