@@ -53,7 +53,6 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_image
 
 from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
 from cliplite_dist.data.badsamples import BadDataCounter
@@ -63,7 +62,8 @@ from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.data.tokens import BatchTokenizer
 from cliplite_dist.data.imagebatch import collate_images
-from cliplite_dist.data.transforms import DeviceTransform, decode_pil, decode_uint8, uint8_train_transform
+from cliplite_dist.data.transforms import (DeviceTransform, decode_pil, decode_torchvision, decode_uint8,
+                                           uint8_train_transform)
 from cliplite_dist.models import Towers, build_towers
 from common import (add_common_args, entry_point, markdown_table, pyplot, results_folder, run_cells, save_figure,
                     write_results)
@@ -101,11 +101,7 @@ def ensure_shards(cache: Path, image_px: int, num_shards: int) -> list[str]:
 
 
 # ---- the decoders and their train transforms ---------------------------------------------------
-def decode_torchvision(data: bytes) -> torch.Tensor:
-    """torchvision.io's decode alone (the trainer's decoder before simplejpeg), for reference."""
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
+# torchvision.io alone: the trainer's JPEG decoder before simplejpeg, for reference
 DECODE: dict[str, Callable] = {"PIL": decode_pil, "torchvision.io": decode_torchvision, "simplejpeg": decode_uint8}
 
 

@@ -3,7 +3,6 @@ the device cuts the crops; damaged JPEGs and other formats take the image-by-ima
 counts and replaces them."""
 import io
 import random
-import tarfile
 
 import numpy as np
 import open_clip
@@ -11,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_image
 
 from cliplite_dist.config import DataConfig
 from cliplite_dist.data.handoff import SharedBuffers, collate_batch, collate_jpegs
@@ -19,7 +17,8 @@ from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages
 from cliplite_dist.data.jpeg import decode_jpeg, decode_jpeg_into, jpeg_size
 from cliplite_dist.data.pipeline import SampleDecoder, ShardStream
 from cliplite_dist.data.shards import Corpus
-from cliplite_dist.data.transforms import decode_uint8, uint8_train_transform
+from cliplite_dist.data.tarfiles import write_tar
+from cliplite_dist.data.transforms import decode_torchvision, decode_uint8, uint8_train_transform
 
 
 def encoded(mode: str, fmt: str = "JPEG", size=(40, 52), seed: int = 0, **options) -> bytes:
@@ -36,10 +35,6 @@ def cut_in_scan(data: bytes) -> bytes:
     return data[:data.index(b"\xff\xda") + 40]
 
 
-def torchvision_pixels(data: bytes) -> torch.Tensor:
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
 @pytest.mark.parametrize("mode, options", [("RGB", {}), ("RGB", {"subsampling": 0}), ("RGB", {"progressive": True}),
                                            ("L", {}), ("RGB", {"quality": 30})])
 def test_jpegs_decode_to_torchvisions_pixels(mode, options):
@@ -47,7 +42,7 @@ def test_jpegs_decode_to_torchvisions_pixels(mode, options):
     assert jpeg_size(data) == (40, 52)
     image = decode_jpeg(data)
     assert image.shape == (3, 40, 52) and image.permute(1, 2, 0).is_contiguous()  # HWC memory, as torchvision's
-    torch.testing.assert_close(image, torchvision_pixels(data), rtol=0, atol=0)
+    torch.testing.assert_close(image, decode_torchvision(data), rtol=0, atol=0)
     out = np.full(40 * 52 * 3, 7, dtype=np.uint8)
     assert decode_jpeg_into(data, out, 40, 52)
     torch.testing.assert_close(torch.from_numpy(out).view(40, 52, 3).permute(2, 0, 1), image, rtol=0, atol=0)
@@ -57,7 +52,7 @@ def test_other_formats_and_colour_spaces_are_left_to_the_other_decoders():
     for data in (encoded("RGB", "PNG"), encoded("CMYK"), b"not an image"):
         assert jpeg_size(data) is None and decode_jpeg(data) is None
     png = encoded("RGB", "PNG")
-    torch.testing.assert_close(decode_uint8(png), torchvision_pixels(png), rtol=0, atol=0)
+    torch.testing.assert_close(decode_uint8(png), decode_torchvision(png), rtol=0, atol=0)
     assert decode_uint8(encoded("CMYK")).shape == (3, 40, 52)  # through PIL
     damaged = cut_in_scan(encoded("RGB"))
     assert jpeg_size(damaged) == (40, 52)  # the header reads...
@@ -80,21 +75,13 @@ def test_jpegs_collated_straight_into_the_buffer_match_decoded_then_copied_ones(
     assert all(int(buffer[0]) == 0 for buffer in buffers.buffers.values())  # its buffer given back
 
 
-def write_shard(path, samples) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, image_field, data in samples:
-            for field, payload in ((image_field, data), ("txt", f"caption of {key}".encode())):
-                info = tarfile.TarInfo(f"{key}.{field}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-
-
 @pytest.mark.parametrize("with_bad", [False, True])
 def test_device_resize_batches_hold_every_image_whole_with_its_box(tmp_path, with_bad):
     samples = [(f"good{i}", "jpg", encoded("RGB", size=(40, 40 + i), seed=i)) for i in range(7)]
     if with_bad:
         samples += [("png", "png", encoded("RGB", "PNG", seed=9)), ("damaged", "jpg", cut_in_scan(encoded("RGB", seed=8)))]
-    write_shard(tmp_path / "s-00000.tar", samples)
+    write_tar(tmp_path / "s-00000.tar", ({"__key__": key, field: data, "txt": f"caption of {key}".encode()}
+                                         for key, field, data in samples))
     pil = T.Compose([T.RandomResizedCrop(32, scale=(0.9, 1.0)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
     decoder = SampleDecoder(uint8_train_transform(pil, resize=False), "txt", ("jpg", "png"), decode=decode_uint8)
     assert decoder.sends_whole_jpegs

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages, collate_images
+from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages, collate_images, image_tensors
 from cliplite_dist.data.jpeg import decode_jpeg_into
 
 LEASE_BYTES = 64  # ahead of the batch in a shared buffer (keeps it aligned); byte 0 is the lease
@@ -101,7 +101,7 @@ def collate_batch(images: list[torch.Tensor | BoxedImage], tokens: torch.Tensor,
                   ) -> tuple[torch.Tensor | RaggedImages, torch.Tensor, torch.Tensor | None]:
     """(images as `imagebatch.collate_images` makes them, a copy of `tokens`, lease) in one buffer
     (`_batch_buffer`)."""
-    tensors = [image.image if isinstance(image, BoxedImage) else image for image in images]
+    tensors = image_tensors(images)
     dtype = tensors[0].dtype if tensors else torch.uint8
     pixels, token_copy, lease = _batch_buffer(sum(image.numel() for image in tensors) * dtype.itemsize, tokens, buffers)
     return collate_images(images, pixels.view(dtype)), token_copy, lease
@@ -149,9 +149,7 @@ def forget(stream: int) -> None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the pid now belongs to another user's process: not our worker
+    except (ProcessLookupError, PermissionError):  # gone, or the pid is another user's process now
         return False
     return True
 

@@ -69,13 +69,18 @@ def _copy_image(slot: torch.Tensor, image: torch.Tensor, hwc: bool) -> None:
         slot.view(*source.shape).copy_(source)
 
 
+def image_tensors(images: list[torch.Tensor | BoxedImage]) -> list[torch.Tensor]:
+    """The decoded tensors of a batch's images (a BoxedImage's whole image)."""
+    return [image.image if isinstance(image, BoxedImage) else image for image in images]
+
+
 def collate_images(images: list[torch.Tensor | BoxedImage], pixels: torch.Tensor | None = None
                    ) -> torch.Tensor | RaggedImages:
     """CHW images -> one [B, C, H, W] tensor if they share a shape (channels-last strides if the
     first one has its channels innermost), else, or if they come with crop boxes, RaggedImages;
     either way in one buffer: `pixels` (as many elements as the images have) if given, else a
     new one."""
-    tensors = [image.image if isinstance(image, BoxedImage) else image for image in images]
+    tensors = image_tensors(images)
     shapes = [tuple(image.shape) for image in tensors]
     ragged = len(set(shapes)) > 1 or any(isinstance(image, BoxedImage) for image in images)
     if pixels is None:

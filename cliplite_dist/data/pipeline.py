@@ -50,11 +50,18 @@ class SampleDecoder:
     pick_first_caption: bool = False  # evaluation: deterministic caption
     decode: Callable = decode_pil
 
-    def image(self, sample: dict) -> torch.Tensor | BoxedImage:
+    def _image_data(self, sample: dict) -> bytes | None:
+        """The encoded image under the first of `image_keys` the sample has."""
         for key in self.image_keys:
             if key in sample:
-                return self.transform(self.decode(sample[key]))
-        raise KeyError(f"no image under any of {self.image_keys}")
+                return sample[key]
+        return None
+
+    def image(self, sample: dict) -> torch.Tensor | BoxedImage:
+        data = self._image_data(sample)
+        if data is None:
+            raise KeyError(f"no image under any of {self.image_keys}")
+        return self.transform(self.decode(data))
 
     @property
     def sends_whole_jpegs(self) -> bool:
@@ -65,11 +72,9 @@ class SampleDecoder:
     def whole_jpeg(self, sample: dict) -> tuple[bytes, int, int, tuple[int, int, int, int]] | None:
         """(JPEG data, height, width, crop box) of the sample's image, to be decoded straight into
         a batch buffer (`handoff.collate_jpegs`); None if it is not a JPEG `jpeg` decodes."""
-        for key in self.image_keys:
-            if key in sample:
-                size = jpeg_size(sample[key])
-                return None if size is None else (sample[key], *size, self.transform.box(*size))
-        return None
+        data = self._image_data(sample)
+        size = None if data is None else jpeg_size(data)
+        return None if size is None else (data, *size, self.transform.box(*size))
 
     def caption(self, sample: dict, pick: int) -> str:
         """The caption: of a list, the non-empty one at `pick` modulo their number (the first

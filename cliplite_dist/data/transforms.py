@@ -43,16 +43,22 @@ def decode_pil(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
+def decode_torchvision(data: bytes) -> torch.Tensor:
+    """uint8 CHW RGB via torchvision.io (JPEG, PNG, WebP, GIF); RuntimeError for what it cannot
+    read. bytearray: torch.frombuffer warns on read-only bytes, and copying a compressed image
+    costs microseconds."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
 def decode_uint8(data: bytes) -> torch.Tensor:
     """uint8 CHW RGB (a view of HWC memory): JPEGs via simplejpeg (`jpeg`), other formats via
-    torchvision.io (PNG, WebP, GIF), and the rest, with the rare files libjpeg-turbo refuses but
-    PIL reads (CMYK JPEGs, say), through PIL. bytearray: torch.frombuffer warns on read-only
-    bytes, and copying a compressed image costs microseconds."""
+    torchvision.io, and the rest, with the rare files libjpeg-turbo refuses but PIL reads (CMYK
+    JPEGs, say), through PIL."""
     image = decode_jpeg(data)
     if image is not None:
         return image
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_torchvision(data)
     except RuntimeError:
         return pil_to_tensor(decode_pil(data))
 
