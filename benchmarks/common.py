@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import os
 import platform
@@ -131,6 +132,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a reduced grid that runs in a few minutes here")
     parser.add_argument("--machine-name", default=None, help="results folder name (default: the host name)")
     parser.add_argument("--results-dir", default=str(RESULTS), help="where results/<benchmark>/<machine>/ goes")
+    parser.add_argument("--jobs", type=int, default=1, help="cells measured at once here (each gets cores/jobs "
+                        "threads); keep 1 where timings are the point")
     slurm = parser.add_argument_group("SLURM (run the cells as a job array through our launcher)")
     slurm.add_argument("--slurm", action="store_true")
     slurm.add_argument("--partition", default="")
@@ -170,6 +173,39 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+# Two-sided 95% critical values of Student's t by degrees of freedom (scipy is not a dependency);
+# from 30 on, the normal's 1.96 is within 2%.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045)
+
+
+def t_critical(df: float) -> float:
+    """t quantile 0.975 for `df` degrees of freedom (rounded down: a slightly wider interval)."""
+    df = int(df)
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 1 degree of freedom, got {df}")
+    return T_975[df - 1] if df <= len(T_975) else 1.96
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% t interval); half-width 0 for a single value."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, t_critical(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def difference_interval(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean(a) - mean(b), half-width of Welch's 95% interval for it)."""
+    if len(a) < 2 or len(b) < 2:
+        return statistics.mean(a) - statistics.mean(b), float("inf")
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return statistics.mean(a) - statistics.mean(b), 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return statistics.mean(a) - statistics.mean(b), t_critical(df) * (va + vb) ** 0.5
 
 
 def loss_seconds(objective_cfg, batch: int, dim: int, device, repeats: int) -> float:
@@ -213,17 +249,58 @@ def engine_step_rate(cfg, device, repeats: int) -> tuple[float, int, int]:
 
 
 # ---- running cells -------------------------------------------------------------------------------
-def _worker_command(script: Path, world_size: int, cells_file: Path, rows_file: Path) -> list[str]:
+def cell_key(cell: dict) -> str:
+    """A cell's identity: its settings as canonical JSON."""
+    return json.dumps(cell, sort_keys=True)
+
+
+class CellCache:
+    """Rows of finished cells, one JSON line each, appended the moment a cell is measured: a grid
+    that is interrupted (a session's end, a preemption) and run again skips the cells it has."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def rows(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        entries = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
+        return {cell_key(entry["cell"]): entry["row"] for entry in entries}
+
+    def add(self, cell: dict, row: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as out:
+            fcntl.flock(out, fcntl.LOCK_EX)  # parallel workers append to the same file
+            out.write(json.dumps({"cell": cell, "row": row}) + "\n")
+
+
+def _worker_command(script: Path, world_size: int, cells_file: Path, rows_file: Path,
+                    cache: Path | None) -> list[str]:
+    args = ["--worker", str(cells_file), str(rows_file), *([str(cache)] if cache else [])]
     if world_size == 1:
-        return [sys.executable, str(script), "--worker", str(cells_file), str(rows_file)]
+        return [sys.executable, str(script), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
-            str(script), "--worker", str(cells_file), str(rows_file)]
+            str(script), *args]
 
 
-def run_cells_local(script: Path, cells: list[dict]) -> list[dict]:
-    """Each group of cells with the same `world_size` in one worker process (group), so process
-    start-up and the process group are paid once per group, not per cell. If a worker fails, its
-    rows measured so far stay on disk and the error names them."""
+def balanced_groups(index: list[int], cost: Callable[[int], float], groups: int) -> list[list[int]]:
+    """`index` split into `groups` lists of about equal total cost (longest first, each to the
+    least loaded group), each kept in its original order."""
+    loads, parts = [0.0] * groups, [[] for _ in range(groups)]
+    for i in sorted(index, key=cost, reverse=True):
+        g = loads.index(min(loads))
+        loads[g] += cost(i)
+        parts[g].append(i)
+    return [sorted(part) for part in parts if part]
+
+
+def run_cells_local(script: Path, cells: list[dict], jobs: int = 1, cache: CellCache | None = None,
+                    cost: Callable[[dict], float] = lambda cell: 1.0) -> list[dict]:
+    """Each group of cells with the same `world_size` in worker processes, so process start-up
+    and the process group are paid once per worker, not per cell. `jobs` workers run at once
+    (a cell of W ranks counts W), the cells split between them by `cost`, each worker given an
+    equal share of the cores as torch threads. If a worker fails, its rows measured so far stay
+    on disk (and in `cache`) and the error names them."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores / 2:
         print(f"warning: load average {load:.1f} on {cores} cores: other work will skew the timings", flush=True)
@@ -231,34 +308,46 @@ def run_cells_local(script: Path, cells: list[dict]) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="cliplite-bench-"))
     for size in sorted({cell.get("world_size", 1) for cell in cells}):
         index = [i for i, cell in enumerate(cells) if cell.get("world_size", 1) == size]
-        cells_file, rows_file = tmp / f"cells-{size}.json", tmp / f"rows-{size}.json"
-        cells_file.write_text(json.dumps([cells[i] for i in index]))
-        if subprocess.run(_worker_command(script, size, cells_file, rows_file), cwd=REPO).returncode != 0:
-            raise RuntimeError(f"a {size}-rank worker of {script.name} failed; the cells it was given are in "
-                               f"{cells_file}, the rows it measured in {rows_file}")
-        for i, row in zip(index, json.loads(rows_file.read_text())):
-            rows[i] = row
+        parts = balanced_groups(index, lambda i: cost(cells[i]), max(1, jobs // size))
+        threads = max(1, cores // (len(parts) * size))
+        procs = []
+        for n, part in enumerate(parts):
+            cells_file, rows_file = tmp / f"cells-{size}-{n}.json", tmp / f"rows-{size}-{n}.json"
+            cells_file.write_text(json.dumps([cells[i] for i in part]))
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            command = _worker_command(script, size, cells_file, rows_file, cache.path if cache else None)
+            procs.append((subprocess.Popen(command, cwd=REPO, env=env), part, cells_file, rows_file))
+        failed = [(cells_file, rows_file) for proc, _, cells_file, rows_file in procs if proc.wait() != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} {size}-rank worker(s) of {script.name} failed; the cells they "
+                               f"were given and the rows they measured: {failed}")
+        for _, part, _, rows_file in procs:
+            for i, row in zip(part, json.loads(rows_file.read_text())):
+                rows[i] = row
     shutil.rmtree(tmp)
     return rows  # type: ignore[return-value]
 
 
-def worker_main(measure: Callable[[dict], dict | None], cells_file: str, rows_file: str) -> None:
+def worker_main(measure: Callable[[dict], dict | None], cells_file: str, rows_file: str,
+                cache: str | None = None) -> None:
     """Inside a worker: measure every cell; rank 0 (the only rank that returns rows) writes them
-    after each cell, so a crash keeps what was measured."""
+    after each cell, and adds each to the cache, so a crash keeps what was measured."""
     rows = []
     for n, cell in enumerate(json.loads(Path(cells_file).read_text()), 1):
         row = measure(cell)
         if row is not None:
             rows.append(row)
             Path(rows_file).write_text(json.dumps(rows))
+            if cache:
+                CellCache(Path(cache)).add(cell, row)
             print(f"[{n}] {json.dumps(row)}", flush=True)
 
 
 def entry_point(main: Callable[[], None], measure: Callable[[dict], dict | None]) -> None:
-    """A benchmark script's `__main__`: a worker started by `run_cells_local` (`--worker CELLS ROWS`)
-    or the benchmark itself."""
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker_main(measure, sys.argv[2], sys.argv[3])
+    """A benchmark script's `__main__`: a worker started by `run_cells_local`
+    (`--worker CELLS ROWS [CACHE]`) or the benchmark itself."""
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--worker":
+        worker_main(measure, *sys.argv[2:])
     else:
         main()
 
@@ -304,8 +393,21 @@ def run_cells_slurm(script: Path, cells: list[dict], args: argparse.Namespace, b
     return rows  # type: ignore[return-value]
 
 
-def run_cells(script: str, cells: list[dict], args: argparse.Namespace, benchmark: str) -> list[dict]:
+def run_cells(script: str, cells: list[dict], args: argparse.Namespace, benchmark: str,
+              cache: CellCache | None = None, cost: Callable[[dict], float] = lambda cell: 1.0) -> list[dict]:
+    """Rows of `cells` in their order: from `cache` for cells measured before, the rest measured
+    here (`args.jobs` at once) or as SLURM job arrays."""
     path = Path(script).resolve()
-    if args.slurm:
-        return run_cells_slurm(path, cells, args, benchmark)
-    return run_cells_local(path, cells)
+    done = cache.rows() if cache else {}
+    todo = [cell for cell in cells if cell_key(cell) not in done]
+    if todo:
+        print(f"{len(todo)} cell(s) to measure, {len(cells) - len(todo)} from {cache.path if cache else ''}", flush=True)
+    if todo and args.slurm:
+        measured = run_cells_slurm(path, todo, args, benchmark)
+        for cell, row in zip(todo, measured):
+            if cache and row is not None:
+                cache.add(cell, row)
+    elif todo:
+        measured = run_cells_local(path, todo, getattr(args, "jobs", 1), cache, cost)
+    new = {cell_key(cell): row for cell, row in zip(todo, measured)} if todo else {}
+    return [done.get(cell_key(cell)) or new[cell_key(cell)] for cell in cells]

@@ -35,22 +35,22 @@ from common import (PeakMemory, add_common_args, entry_point, markdown_table, py
 BENCHMARK = "loss_scaling"
 ROWS = {  # row name -> (objective.name, objective.negatives)
     "infonce": ("infonce", "shift"),
+    "siglip": ("siglip", "shift"),
     "cliplite-shift": ("cliplite", "shift"),
     "cliplite-random": ("cliplite", "random"),
-    "cliplite-hard": ("cliplite", "hard"),
     "cliplite-cross_rank": ("cliplite", "cross_rank"),
 }
 ONE_PROCESS_ROWS = tuple(row for row in ROWS if row != "cliplite-cross_rank")  # cross_rank is shift there
 # fp32 elements alive at the peak of one forward+backward, as (x B^2, x B*d), to skip points before
 # they run out of memory. B^2: InfoNCE's two logits matrices with their saved products, softmax
-# outputs and gradients; hard negatives' no-grad score matrix. B*d: features, head activations and
-# gradients. Measured here (d=512, B from 1k to 16k): InfoNCE 4.5 B^2 + 4 B d, CLIP-Lite 14 to 17
-# B d, hard up to 1 B^2 more; rounded up for safety.
+# outputs and gradients; SigLIP's logits, labels and their product, log-sigmoid and gradients.
+# B*d: features, head activations and gradients. Measured here (d=512, B from 1k to 16k): InfoNCE
+# 4.5 B^2 + 4 B d, CLIP-Lite 14 to 17 B d; rounded up for safety (SigLIP: as InfoNCE).
 PEAK_ELEMENTS = {
     "infonce": (5.0, 8.0),
+    "siglip": (5.0, 8.0),
     "cliplite-shift": (0.0, 20.0),
     "cliplite-random": (0.0, 20.0),
-    "cliplite-hard": (1.25, 20.0),
 }
 ANALYTIC_WORLDS = (2, 8, 64, 512)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -67,22 +67,27 @@ def analytic_bytes(row: str, world: int, batch: int, dim: int, elem_bytes: int =
 
     InfoNCE: forward all_gather of the [b, 2d] image|text features, (W-1) b 2d e sent and as
     much received; backward all_reduce of the [W b, 2d] gathered gradient, 2 (W-1)/W W b 2d e
-    each way. Total 12 (W-1) b d e. cross_rank: one [b, d] tensor to the next rank and one from
-    the previous, forward and backward: 4 b d e for any W >= 2. Other negatives: local, 0.
+    each way. Total 12 (W-1) b d e. SigLIP (open_clip's ring): every other rank's [b, d] text
+    features pass through, W-1 tensors sent and W-1 received forward, their gradients the same
+    backward: 4 (W-1) b d e. cross_rank: one [b, d] tensor to the next rank and one from the
+    previous, forward and backward: 4 b d e for any W >= 2. Other negatives: local, 0.
     """
-    if world < 2 or row not in ("infonce", "cliplite-cross_rank"):
+    if world < 2 or row not in ("infonce", "siglip", "cliplite-cross_rank"):
         return 0
     if row == "infonce":
         return 12 * (world - 1) * batch * dim * elem_bytes
+    if row == "siglip":
+        return 4 * (world - 1) * batch * dim * elem_bytes
     return 4 * batch * dim * elem_bytes
 
 
 def logits_shape(row: str, world: int, batch: int) -> str:
-    """The score matrices one rank holds: InfoNCE's grow with the global batch, CLIP-Lite's do not."""
+    """The score matrices one rank holds: InfoNCE's and SigLIP's grow with the global batch,
+    CLIP-Lite's do not."""
     if row == "infonce":
         return f"2 x {batch} x {world * batch}"
-    if row == "cliplite-hard":
-        return f"2 x {batch} + {batch} x {batch} (no grad)"
+    if row == "siglip":
+        return f"{world} x {batch} x {batch}"
     return f"2 x {batch}"
 
 

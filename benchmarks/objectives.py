@@ -1,127 +1,203 @@
-"""CLIP-Lite vs InfoNCE at matched batch sizes: what each learns from the same samples, and what
-each step costs.
+"""Does one negative per positive (CLIP-Lite) learn as well as CLIP's B-1 negatives (InfoNCE), or
+SigLIP's pairwise sigmoid, at the same batch size, once every run has trained to a plateau?
 
-Grid: rows (InfoNCE; CLIP-Lite with each negative-selection strategy: shift, as the paper;
-random derangement; the hardest caption in the local batch; the neighbouring rank's caption)
-x global batch sizes x seeds, with the same model (micro-vit), data (the synthetic caption
-corpus), samples seen and schedule in every cell (`recipes/bench-objectives.yaml`).
+Rows (`ROWS`): InfoNCE; SigLIP; CLIP-Lite as the paper's code trains it (BatchNorm critic head,
+the reference's image+text prior at 0.1, the paper's augmentation, shift negatives, and its
+optimiser, SGD in Lookahead, among the swept choices); and CLIP-Lite with one thing changed:
+the LayerNorm head, random negatives, the neighbouring rank's caption (2 ranks). Every cell
+trains micro-vit (32 px) on the synthetic caption corpus (`recipes/bench-objectives.yaml`).
 
-Fairness: before the reported runs, each row gets its own sweep at each batch size, scored on
-a validation split (a separately generated retrieval set, never the reported sets):
-  - InfoNCE: learning rate;
-  - CLIP-Lite shift: learning rate x critic head (mlp, linear) x temperature init;
-  - the other CLIP-Lite rows: learning rate, with shift's winning head and temperature.
-Then every row's winner trains with fresh seeds (not the sweep's) and is evaluated on the
-reported sets: held-out retrieval R@1/R@5, zero-shot top-1 and a linear probe on frozen image
-features, plus final loss, step time, loss time and peak memory.
+Two budgets, both reported: the same number of optimizer steps N at every batch size (the
+paper's batch-size ablation), and the same number of samples S = N x the reference batch (the
+smallest, by default) at every batch size. At the reference batch the two coincide and share
+their runs. The corpus is small (2,000 pairs) and repeated for many epochs, as the paper's
+COCO runs were (~2,000 epochs): that is what lets every InfoNCE run reach a plateau here.
 
-Writes results.csv (every run, sweep included), results.md (mean ± std over seeds, and the
-sweep), quality_vs_batch.png and step_time_vs_batch.png under
+Fairness: every row gets its own learning-rate sweep at each batch size and budget, scored on a
+validation split (mean R@1 both ways; a separately generated retrieval set, never a reported
+one). A sweep starts with 3 rates and extends its grid until the winner is not at an edge
+(`MAX_EXTENSIONS` at most; a winner left at an edge is flagged). CLIP-Lite-paper sweeps both
+optimisers; its variants inherit the winning optimiser and sweep the rate. Then every winner
+trains with fresh seeds (not the sweep's) and is evaluated on the reported sets: held-out
+retrieval R@1/R@5 both ways, zero-shot top-1, a linear probe on the frozen image features
+(top-1) and a multi-label probe (every colour and shape in a scene, mAP). Each reported run
+evaluates `CURVE_POINTS` times on the validation split: its learning curve (R@1 and probe
+against samples seen), and whether it plateaued (`PLATEAU_GAIN`: under 5% relative gain of
+validation R@1 over its last quarter).
+
+Cells already measured are kept in `cells.jsonl` beside the results, so an interrupted grid
+continues where it stopped. Writes results.json/.csv/.md and curves-batchB.png under
 `benchmarks/results/objectives/<machine>/`.
 
-    python benchmarks/objectives.py --quick      # 3 batch sizes, 2 lrs, 93 runs: 40 min on 2 CPU cores
-    python benchmarks/objectives.py              # 6 batch sizes, 3 lrs: the full grid
+    python benchmarks/objectives.py --quick --jobs 2    # InfoNCE and CLIP-Lite-paper, batch 16 and 64
+    python benchmarks/objectives.py --jobs 2            # every row, batch 16, 64 and 256
     python benchmarks/objectives.py --slurm --partition gpu --gpus-per-node 1    # as job arrays
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from common import (PeakMemory, REPO, add_common_args, entry_point, loss_seconds, markdown_table, mean_std,
-                    pyplot, results_folder, run_cells, save_figure, write_results)
+from common import (REPO, CellCache, add_common_args, difference_interval, entry_point, markdown_table,
+                    mean_interval, pyplot, results_folder, run_cells, save_figure, write_results)
 
 RECIPE = REPO / "recipes" / "bench-objectives.yaml"
-ROWS = {  # row name -> (objective, negatives, world size): cross_rank needs a neighbouring rank
-    "infonce": ("infonce", "shift", 1),
-    "cliplite-shift": ("cliplite", "shift", 1),
-    "cliplite-random": ("cliplite", "random", 1),
-    "cliplite-hard": ("cliplite", "hard", 1),
-    "cliplite-cross_rank": ("cliplite", "cross_rank", 2),
+
+
+@dataclass(frozen=True)
+class Row:
+    overrides: tuple[str, ...]
+    world_size: int = 1
+    optimizers: tuple[str, ...] = ("adamw",)  # swept; empty: the optimiser `inherits` chose
+    inherits: str = ""  # take the optimiser this row's sweep chose at each batch size
+
+
+PAPER = ("objective.name=cliplite", "objective.head=mlp", "objective.head_norm=batch", "objective.negatives=shift",
+         "objective.prior=reference", "objective.prior_weight=0.1")
+ROWS = {
+    "infonce": Row(("objective.name=infonce",)),
+    "siglip": Row(("objective.name=siglip",)),
+    "cliplite-paper": Row(PAPER, optimizers=("adamw", "sgd-lookahead")),
+    "cliplite-layer": Row(PAPER + ("objective.head_norm=layer",), optimizers=(), inherits="cliplite-paper"),
+    "cliplite-random": Row(PAPER + ("objective.negatives=random",), optimizers=(), inherits="cliplite-paper"),
+    "cliplite-cross_rank": Row(PAPER + ("objective.negatives=cross_rank",), world_size=2, optimizers=(),
+                               inherits="cliplite-paper"),
 }
-CLIP_T0 = 14.2857  # 1 / 0.07: CLIP's initial logit scale, and the paper's initial temperature
-QUALITY = ("t2i_R@1", "i2t_R@1", "t2i_R@5", "i2t_R@5", "zeroshot_top1", "probe_top1")
+QUICK_ROWS = ("infonce", "cliplite-paper")
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    overrides: tuple[str, ...]
+    ladder: tuple[float, ...]  # the learning rates a sweep may use, in order
+    start: int  # index in `ladder` of the first of the 3 rates a sweep starts with
+
+
+OPTIMIZERS = {
+    "adamw": Optimizer(("optim.name=adamw", "optim.weight_decay=0.05", "optim.grad_clip=1.0"),
+                       (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), 2),
+    # the paper's: SGD with momentum 0.9, weight decay 1e-4, gradient clip 10, inside Lookahead
+    "sgd-lookahead": Optimizer(("optim.name=sgd", "optim.momentum=0.9", "optim.weight_decay=1e-4",
+                                "optim.grad_clip=10.0", "optim.lookahead_k=5", "optim.lookahead_alpha=0.5"),
+                               (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0), 2),
+}
+AUGMENT = "data.augment=paper"  # every row: the data pipeline is not what is compared
+MAX_EXTENSIONS = 3
+CURVE_POINTS = 8  # evaluations per reported run; the 6th is at 75%
+PLATEAU_GAIN = 0.05
+METRICS = {  # reported metric -> label
+    "R@1": "R@1 (mean both ways)", "R@5": "R@5 (mean both ways)", "zeroshot_top1": "zero-shot top-1",
+    "probe_top1": "probe top-1", "probe_mAP": "multi-label probe mAP",
+}
 
 
 # ---- one cell --------------------------------------------------------------------------------------
-def val_set(cfg) -> Path:
-    """The validation retrieval set the sweeps are scored on: same distribution as the reported
-    held-out set, another seed, written once beside the corpus."""
-    from cliplite_dist.data.synthetic import write_corpus
+def eval_sets(data_dir: Path) -> dict[str, Path]:
+    """Where the evaluation sets of a corpus live: `val` (sweeps and curves; same distribution as
+    `heldout`, another seed), `heldout` (reported retrieval), `classes` (zero-shot and probe) and
+    `multilabel` (multi-label probe)."""
+    return {name: data_dir / name for name in ("val", "heldout", "classes", "multilabel")}
 
-    out = Path(cfg.data.synthetic.dir) / "val"
-    if not (out / "sizes.json").exists():
-        write_corpus(out, 1000, split="heldout", shard_size=1000, image_size=cfg.data.synthetic.image_size,
-                     seed=cfg.data.synthetic.seed + 1)
-    return out
+
+def write_eval_sets(cfg) -> None:
+    """The benchmark's own sets beside the corpus, written once (the trainer writes the rest)."""
+    from cliplite_dist.data.synthetic import write_corpus, write_multilabel_set
+
+    syn = cfg.data.synthetic
+    sets = eval_sets(Path(syn.dir))
+    if not (sets["val"] / "sizes.json").exists():
+        write_corpus(sets["val"], syn.eval_samples, split="heldout", shard_size=syn.shard_size,
+                     image_size=syn.image_size, seed=syn.seed + 1)
+    for split, count in (("train", syn.classes_train_samples), ("test", syn.classes_test_samples)):
+        if not (sets["multilabel"] / split / "nshards.txt").exists():
+            write_multilabel_set(sets["multilabel"], count, split=split, seed=syn.seed, image_size=syn.image_size,
+                                 shard_size=syn.shard_size)
+
+
+def cell_name(cell: dict) -> str:
+    return "-".join(str(cell[k]) for k in ("phase", "row", "batch", "axis", "steps", "optimizer", "lr", "seed"))
 
 
 def cell_config(cell: dict):
-    """The recipe plus this cell's settings (and the cell's own `overrides`, if any, last)."""
+    """The recipe plus this cell's row, optimiser, rate, batch, steps and seed (and the cell's own
+    `overrides`, if any, last)."""
     from cliplite_dist.config import load_config
 
-    objective, negatives, world = ROWS[cell["row"]]
-    steps = max(1, cell["samples"] // cell["batch"])
-    name = "-".join(f"{k}{cell[k]}" for k in ("row", "batch", "lr", "head", "temperature_init", "seed"))
+    row = ROWS[cell["row"]]
+    steps = cell["steps"]
     overrides = [
-        f"run.name={cell['phase']}-{name}", f"objective.name={objective}", f"objective.negatives={negatives}",
-        f"objective.head={cell['head']}", f"objective.temperature_init={cell['temperature_init']}",
-        f"optim.lr={cell['lr']}", f"data.batch_size={cell['batch'] // world}", f"train.steps={steps}",
+        f"run.name={cell_name(cell)}", *row.overrides, AUGMENT, *OPTIMIZERS[cell["optimizer"]].overrides,
+        f"optim.lr={cell['lr']}", f"data.batch_size={cell['batch'] // row.world_size}", f"train.steps={steps}",
         f"optim.warmup_steps={max(1, steps // 10)}", f"train.log_every={max(1, steps // 10)}",
         f"train.seed={cell['seed']}", *cell.get("overrides", []),
     ]
-    data_dir = Path(load_config(RECIPE, overrides).data.synthetic.dir)
-    if cell["phase"] == "sweep":
-        overrides.append(f"data.eval={data_dir / 'val'}")
-    else:
-        overrides += [f"data.eval={data_dir / 'heldout'}", f"data.eval_zeroshot={data_dir / 'classes'}"]
+    sets = eval_sets(Path(load_config(RECIPE, overrides).data.synthetic.dir))
+    overrides.append(f"data.eval={sets['val']}")
+    if cell["phase"] == "final":
+        overrides += [f"data.eval_zeroshot={sets['classes']}", f"data.eval_probe={sets['classes']}",
+                      f"train.eval_every={max(1, steps // CURVE_POINTS)}"]
     return load_config(RECIPE, overrides)
 
 
-def probe(trainer, data_dir: Path) -> float:
-    """Linear probe on the frozen image tower, this process only (ZeRO 0: full weights here)."""
-    from cliplite_dist.evaluate.standalone import linear_probe_eval
+def mean_r1(results: dict, prefix: str = "") -> float:
+    return (results[f"{prefix}i2t_R@1"] + results[f"{prefix}t2i_R@1"]) / 2
 
-    result = linear_probe_eval(trainer.engine.module, trainer.towers.eval_transform,
-                               str(data_dir / "classes" / "train"), str(data_dir / "classes" / "test"), 500)
-    return result["value"]
+
+def plateau_gain(curve: list[dict]) -> float:
+    """Relative gain of validation R@1 from the evaluation nearest 75% of training to the last."""
+    last = curve[-1]
+    at = min(curve, key=lambda point: abs(point["step"] - 0.75 * last["step"]))
+    return (last["val_R@1"] - at["val_R@1"]) / max(at["val_R@1"], 1e-9)
+
+
+def final_evaluations(trainer, sets: dict[str, Path]) -> dict:
+    """Held-out retrieval and the multi-label probe, on every rank (the embedding is collective)."""
+    from cliplite_dist.evaluate import tasks
+    from cliplite_dist.evaluate.embed import DistributedEmbedder
+
+    cfg, info = trainer.cfg, trainer.engine_info
+    embedder = DistributedEmbedder(trainer.engine, cfg.data.eval_batch_size, trainer.device, info.input_dtype)
+    towers = DistributedEmbedder(trainer.engine, cfg.data.eval_batch_size, trainer.device, info.input_dtype,
+                                 towers_only=True)
+    transform, tokenizer = trainer.towers.eval_transform, trainer.towers.tokenizer
+    trainer.engine.eval()
+    heldout = tasks.retrieval(embedder, tasks.prepare_retrieval(str(sets["heldout"]), transform, tokenizer))
+    multilabel = tasks.probe(towers, tasks.prepare_probe(str(sets["multilabel"]), transform))
+    return {**{k: heldout[k] for k in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5")},
+            "R@1": mean_r1(heldout), "R@5": (heldout["i2t_R@5"] + heldout["t2i_R@5"]) / 2,
+            "probe_mAP": multilabel.value}
 
 
 def measure(cell: dict) -> dict | None:
     from cliplite_dist.trainer import Trainer
 
     cfg = cell_config(cell)
-    data_dir = Path(cfg.data.synthetic.dir)
     trainer = Trainer(cfg)
     if trainer.env.is_main:
-        val_set(cfg)  # before the barrier in the trainer's set-up
-    with PeakMemory() as memory:
-        code = trainer.run()
+        write_eval_sets(cfg)  # before the barrier in the trainer's set-up
+    code = trainer.run()
     if code != 0:
         raise RuntimeError(f"cell {cell} ended with exit code {code}")
-    lines = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if trainer.env.is_main else []
-    loss_time = 1000 * loss_seconds(cfg.objective, cfg.data.batch_size, trainer.towers.embed_dim,
-                                    trainer.device, repeats=30)
+    final = final_evaluations(trainer, eval_sets(Path(cfg.data.synthetic.dir))) if cell["phase"] == "final" else {}
     row = None
     if trainer.env.is_main:
+        lines = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
         train = [m for m in lines if "train/samples_per_s" in m]
-        final_eval = [m for m in lines if "eval/i2t_R@1" in m][-1]
-        rate = statistics.median(m["train/samples_per_s"] for m in (train[1:] or train))
-        row = {**cell, "steps": cfg.train.steps, "final_loss": train[-1]["train/loss"],
-               "step_ms": 1000 * cell["batch"] / rate, "samples_per_s": rate, "loss_ms": loss_time,
-               "peak_mem_mb": memory.peak_mb}
-        row.update({k: final_eval[f"eval/{k}"] for k in ("t2i_R@1", "i2t_R@1", "t2i_R@5", "i2t_R@5")})
+        evals = [m for m in lines if "eval/i2t_R@1" in m]
+        row = {**cell, "final_loss": train[-1]["train/loss"],
+               "samples_per_s": statistics.median(m["train/samples_per_s"] for m in (train[1:] or train)),
+               "val_score": mean_r1(evals[-1], "eval/")}
         if cell["phase"] == "final":
-            row["zeroshot_top1"] = final_eval["eval/zeroshot_top1"]
-            row["probe_top1"] = probe(trainer, data_dir)
-        else:  # the retrieval numbers above are on the validation split: the sweep's score
-            row["val_score"] = statistics.mean(row[k] for k in ("t2i_R@1", "i2t_R@1", "t2i_R@5", "i2t_R@5"))
+            probe_key = next(k for k in evals[-1] if k.startswith("eval/probe_"))
+            curve = [{"step": m["step"], "samples": m["step"] * cell["batch"], "val_R@1": mean_r1(m, "eval/"),
+                      "probe_top1": m[probe_key]} for m in evals]
+            row.update(final, zeroshot_top1=evals[-1]["eval/zeroshot_top1"], probe_top1=evals[-1][probe_key],
+                       curve=curve, plateau_gain=plateau_gain(curve))
         shutil.rmtree(cfg.run_dir, ignore_errors=True)  # checkpoints of benchmark cells are not kept
     del trainer
     gc.collect()
@@ -129,154 +205,263 @@ def measure(cell: dict) -> dict | None:
 
 
 # ---- the grid ----------------------------------------------------------------------------------------
-def sweep_cells(batches, lrs, heads, temps, samples) -> list[dict]:
-    """Stage 1: InfoNCE (lr) and CLIP-Lite shift (lr x head x temperature), seed 0."""
+@dataclass(frozen=True)
+class Budget:
+    steps: int  # N: optimizer steps of every same-steps cell
+    reference_batch: int  # same-samples cells see steps x reference_batch samples
+
+    def steps_for(self, axis: str, batch: int) -> int:
+        """Steps of a cell at `batch` on `axis` ("steps", "samples", or "both": where they agree)."""
+        return max(1, self.steps * self.reference_batch // batch) if axis == "samples" else self.steps
+
+    def axes(self, batch: int) -> tuple[str, ...]:
+        """The budgets a batch size is trained on: one run ("both") where they coincide."""
+        return ("both",) if self.steps_for("samples", batch) == self.steps else ("steps", "samples")
+
+
+def cell_cost(cell: dict) -> float:
+    """About what a cell costs, for splitting cells between parallel workers: steps x (a fixed
+    cost per step + one per sample)."""
+    return cell["steps"] * (16 + cell["batch"]) * cell["world_size"]
+
+
+def sweep_cells(rows, batches, budget: Budget, chosen: dict | None = None) -> list[dict]:
+    """The first 3 rates of every (row, batch, budget, optimiser); rows that inherit their
+    optimiser take it from `chosen` ((row, batch, axis) -> winning sweep row)."""
     cells = []
-    for batch in batches:
-        cells += [dict(phase="sweep", row="infonce", batch=batch, lr=lr, head="mlp", temperature_init=CLIP_T0,
-                       seed=0, samples=samples, world_size=1) for lr in lrs]
-        cells += [dict(phase="sweep", row="cliplite-shift", batch=batch, lr=lr, head=head, temperature_init=t,
-                       seed=0, samples=samples, world_size=1) for lr, head, t in itertools.product(lrs, heads, temps)]
+    for name in rows:
+        row = ROWS[name]
+        for batch in batches:
+            for axis in budget.axes(batch):
+                optimizers = row.optimizers or (chosen[(row.inherits, batch, axis)]["optimizer"],)
+                for optimizer in optimizers:
+                    opt = OPTIMIZERS[optimizer]
+                    cells += [sweep_cell(name, batch, axis, optimizer, lr, budget)
+                              for lr in opt.ladder[opt.start:opt.start + 3]]
     return cells
 
 
-def best(rows: list[dict], row: str, batch: int) -> dict:
-    candidates = [r for r in rows if r["phase"] == "sweep" and r["row"] == row and r["batch"] == batch]
-    return max(candidates, key=lambda r: r["val_score"])
+def sweep_cell(row: str, batch: int, axis: str, optimizer: str, lr: float, budget: Budget) -> dict:
+    return dict(phase="sweep", row=row, batch=batch, axis=axis, steps=budget.steps_for(axis, batch),
+                optimizer=optimizer, lr=lr, seed=0, world_size=ROWS[row].world_size)
 
 
-def strategy_cells(sweep: list[dict], batches, lrs, samples) -> list[dict]:
-    """Stage 2: the other CLIP-Lite rows sweep lr with shift's winning head and temperature."""
+def sweep_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Sweep rows by (row, batch, axis, optimiser), each list sorted by rate."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["phase"] == "sweep":
+            groups.setdefault((r["row"], r["batch"], r["axis"], r["optimizer"]), []).append(r)
+    return {key: sorted(group, key=lambda r: r["lr"]) for key, group in groups.items()}
+
+
+def best(group: list[dict]) -> dict:
+    """The winner: highest validation score; a tie goes to the smaller rate."""
+    return max(group, key=lambda r: (r["val_score"], -r["lr"]))
+
+
+def at_edge(group: list[dict]) -> str:
+    """"low"/"high" if the winner is the smallest/largest rate tried, else ""."""
+    winner = best(group)
+    return "low" if winner is group[0] else "high" if winner is group[-1] else ""
+
+
+def extension_cells(rows: list[dict], budget: Budget) -> list[dict]:
+    """One more rate beyond the edge for every sweep whose winner sits at an edge of its grid
+    (none once the ladder or MAX_EXTENSIONS runs out)."""
     cells = []
-    for batch in batches:
-        winner = best(sweep, "cliplite-shift", batch)
-        for row in ("cliplite-random", "cliplite-hard", "cliplite-cross_rank"):
-            cells += [dict(phase="sweep", row=row, batch=batch, lr=lr, head=winner["head"],
-                           temperature_init=winner["temperature_init"], seed=0, samples=samples,
-                           world_size=ROWS[row][2]) for lr in lrs]
+    for (row, batch, axis, optimizer), group in sweep_groups(rows).items():
+        ladder = OPTIMIZERS[optimizer].ladder
+        edge, lrs = at_edge(group), [r["lr"] for r in group]
+        index = ladder.index(lrs[0]) - 1 if edge == "low" else ladder.index(lrs[-1]) + 1
+        if edge and len(lrs) < 3 + MAX_EXTENSIONS and 0 <= index < len(ladder):
+            cells.append(sweep_cell(row, batch, axis, optimizer, ladder[index], budget))
     return cells
 
 
-def final_cells(sweep: list[dict], batches, seeds, samples) -> list[dict]:
-    """Stage 3: every row's winner at every batch size, fresh seeds, reported sets."""
-    cells = []
-    for batch, row, seed in itertools.product(batches, ROWS, seeds):
-        winner = best(sweep, row, batch)
-        cells.append(dict(phase="final", row=row, batch=batch, lr=winner["lr"], head=winner["head"],
-                          temperature_init=winner["temperature_init"], seed=seed, samples=samples,
-                          world_size=ROWS[row][2]))
-    return cells
+def winners(rows: list[dict]) -> dict[tuple, dict]:
+    """(row, batch, axis) -> the winning sweep row over every optimiser swept."""
+    out: dict[tuple, dict] = {}
+    for (row, batch, axis, _), group in sweep_groups(rows).items():
+        candidate = best(group)
+        if (row, batch, axis) not in out or candidate["val_score"] > out[(row, batch, axis)]["val_score"]:
+            out[(row, batch, axis)] = candidate
+    return out
+
+
+def final_cells(chosen: dict[tuple, dict], seeds) -> list[dict]:
+    """Every winner again with fresh seeds, on the reported sets."""
+    keys = ("row", "batch", "axis", "steps", "optimizer", "lr", "world_size")
+    return [dict({k: winner[k] for k in keys}, phase="final", seed=seed)
+            for _, winner in sorted(chosen.items()) for seed in seeds]
+
+
+def run_sweeps(rows: list[str], batches, budget: Budget, args, cache: CellCache) -> list[dict]:
+    """Stage 1: rows that sweep their optimiser; stage 2: rows that inherit it; each stage's
+    grids extended until no winner sits at an edge."""
+    measured: list[dict] = []
+    for stage in ([r for r in rows if not ROWS[r].inherits], [r for r in rows if ROWS[r].inherits]):
+        if not stage:
+            continue
+        cells = sweep_cells(stage, batches, budget, winners(measured))
+        while cells:
+            measured += run_cells(__file__, cells, args, "objectives", cache, cell_cost)
+            cells = [c for c in extension_cells(measured, budget) if c["row"] in stage]
+    return measured
 
 
 # ---- report ----------------------------------------------------------------------------------------------
-def summary_table(rows: list[dict], cuda: bool) -> str:
-    final = [r for r in rows if r["phase"] == "final"]
-    header = ["row", "batch", "lr / head / T0", "R@1 t2i", "R@1 i2t", "R@5 t2i", "R@5 i2t", "zero-shot top-1",
-              "probe top-1", "final loss", "step (ms)", "loss fwd+bwd (ms)", "peak mem (MB)", "seeds"]
+def _cell(rows: list[dict], row: str, batch: int, axis: str) -> list[dict]:
+    """The reported runs of (row, batch) on `axis`; at the reference batch one set serves both."""
+    return [r for r in rows if r["phase"] == "final" and r["row"] == row and r["batch"] == batch
+            and r["axis"] in (axis, "both")]
+
+
+def verdict(runs: list[dict], baseline: list[dict], key: str) -> str:
+    """ahead / tie / behind the baseline: whether Welch's 95% interval of the difference of
+    means excludes 0."""
+    diff, half = difference_interval([r[key] for r in runs], [r[key] for r in baseline])
+    return "ahead" if diff - half > 0 else "behind" if diff + half < 0 else "tie"
+
+
+def fmt_interval(values: list[float]) -> str:
+    mean, half = mean_interval(values)
+    return f"{mean:.3f} ± {half:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def results_table(rows: list[dict], axis: str, budget: Budget) -> str:
+    header = ["row", "batch", "steps", "optimizer / lr", *METRICS.values(), "vs InfoNCE (R@1)", "plateaued",
+              "seeds"]
     table = []
-    for batch in sorted({r["batch"] for r in final}):
-        for row in ROWS:
-            cell = [r for r in final if r["row"] == row and r["batch"] == batch]
-            if not cell:
+    for batch in sorted({r["batch"] for r in rows if r["phase"] == "final"}):
+        baseline = _cell(rows, "infonce", batch, axis)
+        for name in ROWS:
+            runs = _cell(rows, name, batch, axis)
+            if not runs:
                 continue
-            first = cell[0]
-            table.append([row, batch, f"{first['lr']:g} / {first['head']} / {first['temperature_init']:.3g}"]
-                         + [mean_std([r[k] for r in cell]) for k in QUALITY]
-                         + [mean_std([r["final_loss"] for r in cell]), mean_std([r["step_ms"] for r in cell], 1),
-                            mean_std([r["loss_ms"] for r in cell], 2),
-                            mean_std([r["peak_mem_mb"] for r in cell], 0) if cuda else "-",
-                            len(cell)])
+            gains = [r["plateau_gain"] for r in runs]
+            plateaued = sum(g < PLATEAU_GAIN for g in gains)
+            table.append([name, batch, runs[0]["steps"], f"{runs[0]['optimizer']} / {runs[0]['lr']:g}",
+                          *(fmt_interval([r[k] for r in runs]) for k in METRICS),
+                          "-" if name == "infonce" or not baseline else verdict(runs, baseline, "R@1"),
+                          f"{plateaued}/{len(runs)} (gain {100 * max(gains):+.1f}% max)", len(runs)])
+    return markdown_table(header, table)
+
+
+def verdict_table(rows: list[dict], batches) -> str:
+    """Every row against InfoNCE, on every metric and both budgets."""
+    header = ["row", "budget", *(f"batch {b}" for b in batches)]
+    table = []
+    measured = {r["row"] for r in rows if r["phase"] == "final"}
+    for name in ROWS:
+        if name == "infonce" or name not in measured:
+            continue
+        for axis in ("steps", "samples"):
+            cells = []
+            for batch in batches:
+                runs, baseline = _cell(rows, name, batch, axis), _cell(rows, "infonce", batch, axis)
+                cells.append(", ".join(f"{label.split(' (')[0]} {verdict(runs, baseline, k)}"
+                                       for k, label in METRICS.items()) if runs and baseline else "-")
+            table.append([name, f"same {axis}", *cells])
     return markdown_table(header, table)
 
 
 def sweep_table(rows: list[dict]) -> str:
-    sweep = sorted((r for r in rows if r["phase"] == "sweep"), key=lambda r: (r["row"], r["batch"], -r["val_score"]))
-    winners = {(r["row"], r["batch"]): best(rows, r["row"], r["batch"]) for r in sweep}
-    return markdown_table(
-        ["row", "batch", "lr", "head", "T0", "val score (mean R@1,R@5 both ways)", "chosen"],
-        [[r["row"], r["batch"], f"{r['lr']:g}", r["head"], f"{r['temperature_init']:.3g}", f"{r['val_score']:.3f}",
-          "yes" if winners[(r["row"], r["batch"])] is r else ""] for r in sweep])
+    chosen = winners(rows)
+    table = []
+    for (row, batch, axis, optimizer), group in sorted(sweep_groups(rows).items()):
+        edge = at_edge(group)
+        winner = chosen[(row, batch, axis)]
+        table.append([row, batch, axis, group[0]["steps"], optimizer,
+                      ", ".join(f"{r['lr']:g}: {r['val_score']:.3f}" for r in group),
+                      f"{best(group)['lr']:g}" + (f" (at the {edge} edge)" if edge else ""),
+                      "yes" if winner["optimizer"] == optimizer else ""])
+    return markdown_table(["row", "batch", "budget", "steps", "optimizer", "lr: validation R@1", "best lr", "chosen"],
+                          table)
 
 
-def plot(rows: list[dict], folder: Path) -> None:
+def plot_curves(rows: list[dict], folder: Path) -> list[str]:
+    """One PNG per batch size: validation R@1 and probe top-1 against samples seen, mean over
+    seeds, same-steps runs solid, same-samples runs dashed (at the reference batch they are one)."""
     plt = pyplot()
+    names = []
+    for batch in sorted({r["batch"] for r in rows if r["phase"] == "final"}):
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+        for i, name in enumerate(ROWS):
+            for axis, style in (("steps", "-"), ("both", "-"), ("samples", "--")):
+                runs = [r for r in rows if r["phase"] == "final" and (r["row"], r["batch"], r["axis"]) == (name, batch, axis)]
+                if not runs:
+                    continue
+                for ax, key in zip(axes, ("val_R@1", "probe_top1")):
+                    points = list(zip(*(r["curve"] for r in runs)))
+                    ax.plot([p[0]["samples"] for p in points], [statistics.mean(q[key] for q in p) for p in points],
+                            style, color=f"C{i}", marker="o", markersize=3,
+                            label=name if axis == "both" else f"{name}, same {axis}")
+        for ax, title in zip(axes, ("validation R@1 (mean both ways)", "linear probe top-1")):
+            ax.set_xscale("log")
+            ax.set_xlabel("samples seen")
+            ax.set_title(title)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"learning curves at batch {batch} (mean over seeds)")
+        name = f"curves-batch{batch}.png"
+        save_figure(fig, folder / name)
+        names.append(name)
+    return names
 
-    final = [r for r in rows if r["phase"] == "final"]
-    batches = sorted({r["batch"] for r in final})
 
-    def series(row: str, key: str) -> tuple[list[float], list[float]]:
-        values = [[r[key] for r in final if r["row"] == row and r["batch"] == b] for b in batches]
-        return ([statistics.mean(v) for v in values],
-                [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values])
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, title in zip(axes, ("t2i_R@1", "zeroshot_top1", "probe_top1"),
-                              ("held-out text->image R@1", "zero-shot top-1", "linear probe top-1")):
-        for row in ROWS:
-            mean, std = series(row, key)
-            ax.errorbar(batches, mean, yerr=std, marker="o", capsize=3, label=row)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("global batch size")
-        ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("quality vs batch size at matched samples seen (mean ± std over seeds)")
-    save_figure(fig, folder / "quality_vs_batch.png")
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for row in ROWS:
-        mean, std = series(row, "step_ms")
-        ax.errorbar(batches, mean, yerr=std, marker="o", capsize=3, label=row)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel("training step (ms)")
-    ax.set_title("time per training step vs batch size")
-    ax.legend(fontsize=8)
-    save_figure(fig, folder / "step_time_vs_batch.png")
+def report(rows: list[dict], folder: Path, budget: Budget, seeds: list[int], machine: dict) -> str:
+    """results.md and the learning-curve plots, from the rows (also from a saved results.json)."""
+    on = machine["gpu"] or f"{machine['cpu']} ({machine['cores']} cores)"
+    batches = sorted({r["batch"] for r in rows if r["phase"] == "final"})
+    plots = plot_curves(rows, folder)
+    text = (f"# Objectives at matched batch sizes, trained to a plateau\n\nmicro-vit (32 px) on the synthetic caption "
+            f"corpus, {len(seeds)} fresh seeds per cell (the sweeps used seed 0), on {on}, torch {machine['torch']}, "
+            f"DeepSpeed {machine['deepspeed']}. Same steps: {budget.steps} optimizer steps at every batch size; same "
+            f"samples: {budget.steps * budget.reference_batch:,} samples at every batch size "
+            f"({budget.steps} steps at batch {budget.reference_batch}). Values: mean ± half-width of the 95% t "
+            f"interval over seeds, on the reported sets. 'vs InfoNCE': Welch's 95% interval of the difference "
+            f"excludes 0 (ahead / behind) or not (tie). 'plateaued': runs whose validation R@1 gained under "
+            f"{PLATEAU_GAIN:.0%} over the last quarter of training.\n\n"
+            f"## Same number of steps\n\n{results_table(rows, 'steps', budget)}\n\n"
+            f"## Same number of samples\n\n{results_table(rows, 'samples', budget)}\n\n"
+            f"## Against InfoNCE, every metric\n\n{verdict_table(rows, batches)}\n\n"
+            f"## Learning curves\n\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n\n"
+            f"## Sweeps (validation split, seed 0)\n\n{sweep_table(rows)}\n")
+    (folder / "results.md").write_text(text)
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--batches", default="", help="comma-separated global batch sizes")
+    parser.add_argument("--rows", default="", help=f"comma-separated rows (default: all; quick: {', '.join(QUICK_ROWS)})")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=0, help="samples seen per run")
+    parser.add_argument("--steps", type=int, default=6000, help="N: optimizer steps of the same-steps budget")
+    parser.add_argument("--reference-batch", type=int, default=0,
+                        help="same-samples budget: N x this many samples (default: the smallest batch)")
     parser.add_argument("--rerender", action="store_true", help="rewrite results.md and the plots from results.json")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else \
-        ([16, 64, 256] if args.quick else [8, 16, 32, 64, 128, 256])
-    samples = args.samples or (8192 if args.quick else 16384)
-    lrs = (1e-3, 3e-3) if args.quick else (3e-4, 1e-3, 3e-3)
-    heads, temps = ("mlp", "linear"), (CLIP_T0, 5.0)
-    seeds = list(range(1, args.seeds + 1))
-
     folder = results_folder("objectives", args.machine_name, args.results_dir)
     if args.rerender:
         saved = json.loads((folder / "results.json").read_text())
-        report(saved["rows"], folder, saved["samples_per_run"], saved["seeds"], saved["machine"])
+        print(report(saved["rows"], folder, Budget(**saved["budget"]), saved["seeds"], saved["machine"]))
         return
-    stage1 = run_cells(__file__, sweep_cells(batches, lrs, heads, temps, samples), args, "objectives")
-    stage2 = run_cells(__file__, strategy_cells(stage1, batches, lrs, samples), args, "objectives")
-    sweep = stage1 + stage2
-    final = run_cells(__file__, final_cells(sweep, batches, seeds, samples), args, "objectives")
-    rows = sweep + final
-    write_results(folder, rows, "", world_size=2, samples_per_run=samples, batches=batches, seeds=seeds)
-    report(rows, folder, samples, seeds, json.loads((folder / "results.json").read_text())["machine"])
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else ([16, 64] if args.quick else [16, 64, 256])
+    rows = args.rows.split(",") if args.rows else list(QUICK_ROWS if args.quick else ROWS)
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
+    budget = Budget(args.steps, args.reference_batch or min(batches))
+    seeds = list(range(1, args.seeds + 1))
+    cache = CellCache(folder / "cells.jsonl")
 
-
-def report(rows: list[dict], folder: Path, samples: int, seeds: list[int], machine: dict) -> None:
-    """results.md and the plots, from the rows (also from a saved results.json: --rerender)."""
-    on = machine["gpu"] or f"{machine['cpu']} ({machine['cores']} cores)"
-    text = (f"# Objectives at matched batch sizes\n\nmicro-vit on the synthetic caption corpus, {samples} samples "
-            f"seen per run, {len(seeds)} seeds per cell (seeds {seeds[0]}-{seeds[-1]}; the sweep used seed 0), "
-            f"winners chosen on a validation split, on {on}, torch {machine['torch']}, DeepSpeed "
-            f"{machine['deepspeed']}. Values: mean ± std over seeds. Peak memory is measured on CUDA only (on CPU "
-            f"the resident set hides what glibc reuses; loss_scaling measures the loss's memory).\n\n"
-            f"{summary_table(rows, cuda=bool(machine['gpu']))}\n\n## Sweep (validation split, seed 0)\n\n"
-            f"{sweep_table(rows)}\n")
-    (folder / "results.md").write_text(text)
-    plot(rows, folder)
-    print(text)
+    sweep = run_sweeps(rows, batches, budget, args, cache)
+    chosen = {key: winner for key, winner in winners(sweep).items() if key[0] in rows}
+    final = run_cells(__file__, final_cells(chosen, seeds), args, "objectives", cache, cell_cost)
+    results = sweep + final
+    write_results(folder, results, "", world_size=2, budget=vars(budget), batches=batches, seeds=seeds)
+    print(report(results, folder, budget, seeds, json.loads((folder / "results.json").read_text())["machine"]))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ embedding width d, element size e, P parameters, bus bandwidth BW, per-message l
               T_features = 6 (W-1) b d e / BW + 4 (W-1) a   (forward: ring all-gather of the
               [b, 2d] image+text features, (W-1)/W x W b 2d e; backward: ring all-reduce of the
               [W b, 2d] gradient, 2 (W-1)/W x W b 2d e; see gather.py)
-    CLIP-Lite shift / random / hard: T_loss(b, W) = T_loss(b, 1), T_features = 0
+    CLIP-Lite shift / random: T_loss(b, W) = T_loss(b, 1), T_features = 0
     CLIP-Lite cross_rank: T_features = 2 b d e / BW + 2 a   (one exchange forward, one backward)
 T_towers is measured here (or given with --towers-ms for other hardware), BW and a are
 parameters (--bandwidth-gbs, --latency-us); the measured W=2 run checks the model on this

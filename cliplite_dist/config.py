@@ -37,17 +37,26 @@ class ModelConfig:
 class ObjectiveConfig:
     """Which training objective and its knobs.
 
-    name: "cliplite" (Jensen-Shannon bound, one negative per positive) or "infonce" (CLIP).
+    name: "cliplite" (Jensen-Shannon bound, one negative per positive), "infonce" (CLIP) or
+    "siglip" (pairwise sigmoid). head*, negatives and prior* only affect cliplite; bias_init only
+    siglip.
     """
 
     name: str = "cliplite"
     head: str = "mlp"  # cliplite critic head: "mlp" (encode-and-dot block) or "linear"
+    # mlp head's branch norm: "batch" (the reference: BatchNorm1d, statistics of each rank's batch),
+    # "sync_batch" (BatchNorm1d over the global batch of all ranks) or "layer" (LayerNorm, per row)
+    head_norm: str = "batch"
     head_hidden: int = 0  # width of the mlp branch; 0 -> same as the tower embedding
     head_dim: int = 0  # output width of the critic heads; 0 -> same as the tower embedding
-    negatives: str = "shift"  # shift | random | hard | cross_rank
-    temperature_init: float = 1 / 0.07  # initial multiplier; learned as its log
+    negatives: str = "shift"  # shift | random | cross_rank
+    temperature_init: float = 0.0  # initial multiplier, learned as its log; 0 -> the objective's paper value
     temperature_max: float = 100.0  # clamp on exp(log_temperature), applied inside forward
-    prior_weight: float = 0.0  # cliplite image prior term; the paper's code used 0.1
+    bias_init: float = -10.0  # siglip's learned logit bias (the paper's init)
+    # cliplite prior: "reference" (the paper's code: Deep InfoMax prior on image and text features,
+    # loss (1 - w) JSD + w prior) or "adversarial" (image only, through gradient reversal, JSD + w prior)
+    prior: str = "reference"
+    prior_weight: float = 0.0  # w above; 0 disables the prior (the paper's code used 0.1)
 
 
 @dataclass
@@ -75,6 +84,9 @@ class DataConfig:
     train: str = ""
     eval: str = ""  # held-out retrieval: caption shards or a CLIP_benchmark retrieval set
     eval_zeroshot: str = ""  # a CLIP_benchmark classification set (DIR with classnames.txt, test/)
+    # CLIP_benchmark sets with train/ and test/ splits, joined by '::': a linear probe on the frozen
+    # image tower at every evaluation (top-1, or mAP for a multi-label set)
+    eval_probe: str = ""
     num_samples: int = 0  # samples in `train`; 0 -> read sizes.json / *_stats.json beside shards
     resampled: bool = False  # draw shards with replacement forever (LAION-style virtual epochs)
     samples_per_epoch: int = 0  # resampled mode: samples per virtual epoch (global)
@@ -87,6 +99,10 @@ class DataConfig:
     # CPU), "device" (workers only decode and crop; the training device resizes), "auto" (device
     # when training on CUDA). Resizing is a third of a worker's time per 256 px image.
     resize_on: str = "auto"
+    # Training augmentation (cliplite_dist/data/augment.py): "open_clip" (the model's crop, nothing
+    # else) or "paper" (CLIP-Lite's: crop scale (0.2, 1), a flip that swaps left/right in the
+    # caption, colour jitter; flip and jitter applied on the training device).
+    augment: str = "open_clip"
     allow_pipe: bool = False  # pipe:COMMAND shard URLs run shell commands: only when the recipe says so
     train_weights: str = ""  # resampled mixing: one weight per `::` corpus of data.train, e.g. "1;3"
     cache_dir: str = ""  # keep remote shards here after their first complete read (node-local disk)
@@ -103,7 +119,7 @@ class OptimConfig:
     """Optimizer and schedule; our own per-step warmup + cosine sets every group's lr.
 
     The *_lr fields override `lr` for one part of the model (0 keeps `lr`): the paper trained
-    its CNN with SGD at 0.2 and the text side at 1e-3.
+    its CNN with SGD at 0.2 and the text side at 1e-3, inside Lookahead (k 5, alpha 0.5).
     """
 
     name: str = "adamw"  # adamw | sgd
@@ -119,6 +135,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
+    lookahead_k: int = 0  # Lookahead around the optimizer: sync the slow weights every k steps; 0: off
+    lookahead_alpha: float = 0.5  # Lookahead: slow += alpha * (fast - slow) at each sync
 
 
 @dataclass
@@ -188,10 +206,13 @@ def is_remote(url: str) -> bool:
 
 
 CHOICES: dict[str, tuple] = {
-    "objective.name": ("cliplite", "infonce"),
+    "objective.name": ("cliplite", "infonce", "siglip"),
     "objective.head": ("mlp", "linear"),
-    "objective.negatives": ("shift", "random", "hard", "cross_rank"),
+    "objective.head_norm": ("batch", "sync_batch", "layer"),
+    "objective.negatives": ("shift", "random", "cross_rank"),
+    "objective.prior": ("reference", "adversarial"),
     "data.resize_on": ("auto", "worker", "device"),
+    "data.augment": ("open_clip", "paper"),
     "optim.name": ("adamw", "sgd"),
     "engine.device": ("auto", "cpu", "cuda"),
     "engine.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -317,13 +338,14 @@ def validate(cfg: Config) -> None:
     non_negative = ["data.workers", "data.num_samples", "data.samples_per_epoch", "data.shuffle_buffer",
                     "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay", "optim.lr",
                     "train.checkpoint_every", "train.eval_every", "data.eval_max_samples",
-                    "objective.prior_weight", "objective.head_hidden", "objective.head_dim"]
+                    "objective.prior_weight", "objective.head_hidden", "objective.head_dim",
+                    "optim.lookahead_k"]
     for key in non_negative:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give shard URLs, e.g. data.train='/data/cc3m/{00000..00331}.tar'")
-    for key in ("data.train", "data.eval", "data.eval_zeroshot"):
+    for key in ("data.train", "data.eval", "data.eval_zeroshot", "data.eval_probe"):
         if uses_pipe(_get(cfg, key)) and not cfg.data.allow_pipe:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is a pipe: URL, which runs a shell command on every "
                               f"rank; set data.allow_pipe=true in the recipe if that is what you want")
@@ -344,8 +366,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.caption_key={cfg.data.caption_key!r}: use 'txt' or 'json:FIELD'")
     if cfg.objective.name == "cliplite" and cfg.objective.negatives != "cross_rank" and cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be >= 2 for cliplite: the negative caption comes from the local batch")
-    if cfg.objective.temperature_init <= 0 or cfg.objective.temperature_max < cfg.objective.temperature_init:
-        raise ConfigError("objective.temperature_init must be > 0 and <= objective.temperature_max")
+    if cfg.objective.temperature_init < 0 or cfg.objective.temperature_max < cfg.objective.temperature_init:
+        raise ConfigError(f"objective.temperature_init={cfg.objective.temperature_init!r} must be >= 0 (0: the "
+                          f"objective's paper value) and <= objective.temperature_max={cfg.objective.temperature_max!r}")
+    if not 0.0 < cfg.optim.lookahead_alpha <= 1.0:
+        raise ConfigError(f"optim.lookahead_alpha={cfg.optim.lookahead_alpha!r} must be within (0, 1]")
+    if cfg.objective.head == "mlp" and cfg.objective.head_norm == "batch" and cfg.data.batch_size < 2 \
+            and cfg.objective.name == "cliplite":
+        raise ConfigError("data.batch_size must be >= 2 for objective.head_norm=batch: BatchNorm needs two rows "
+                          "per rank (objective.head_norm=sync_batch takes its statistics over all ranks)")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio!r} must be within [0, 1]")
     if cfg.engine.device == "cpu" and cfg.engine.precision == "fp16":

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cliplite_dist.config import Config, EngineConfig, OptimConfig
+from cliplite_dist.lookahead import Lookahead
 
 PARTS = ("image", "text", "critic")
 
@@ -58,12 +59,15 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD or AdamW over `groups`, inside Lookahead when optim.lookahead_k > 0."""
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    # Fused AdamW (one kernel over all tensors) on CUDA and, since torch 2.4, on CPU: the default
-    # per-tensor loop was 7% of a tiny-ViT step on CPU here (benchmarks/vs_open_clip.py).
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        # Fused AdamW (one kernel over all tensors) on CUDA and, since torch 2.4, on CPU: the default
+        # per-tensor loop was 7% of a tiny-ViT step on CPU here (benchmarks/vs_open_clip.py).
+        fused = device.type in ("cuda", "cpu")
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+    return Lookahead(optimizer, cfg.lookahead_k, cfg.lookahead_alpha) if cfg.lookahead_k else optimizer
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -90,8 +90,11 @@ def _export(run_dir: Path, out: Path, tag: str | None, source: str) -> Path:
     model_cfg = json.loads((run_dir / "model_cfg.json").read_text())
     objective_module = build_objective(cfg.objective, int(model_cfg["embed_dim"]))
     objective_module.load_state_dict(objective)
-    # open_clip's towers own a logit scale; ours lives in the objective: write it back
+    # open_clip's towers own a logit scale (and SigLIP's a bias); ours live in the objective: write them back
     towers["logit_scale"] = objective_module.log_temp.detach().reshape(())
+    if isinstance(getattr(objective_module, "bias", None), nn.Parameter):
+        model_cfg = {**model_cfg, "init_logit_bias": float(objective_module.bias.detach())}
+        towers["logit_bias"] = objective_module.bias.detach().reshape(())
     out.mkdir(parents=True, exist_ok=True)
     save_file(towers, str(out / "open_clip_model.safetensors"))
     save_file(objective, str(out / OBJECTIVE_WEIGHTS))

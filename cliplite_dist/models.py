@@ -12,6 +12,7 @@ from typing import Callable
 import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cliplite_dist.config import ModelConfig, ObjectiveConfig
@@ -95,9 +96,13 @@ class ContrastiveModel(nn.Module):
         self.objective = objective
 
     def forward(self, images: torch.Tensor | None, tokens: torch.Tensor | None,
-                embed_only: bool = False) -> ObjectiveOutput | tuple:
+                embed_only: bool = False, towers_only: bool = False) -> ObjectiveOutput | tuple:
+        """The objective's output; with `embed_only` the objective's retrieval embeddings, with
+        `towers_only` the towers' raw embeddings (what a linear probe reads), of either input."""
         image_emb = self.towers.encode_image(images) if images is not None else None
         text_emb = self.towers.encode_text(tokens) if tokens is not None else None
+        if towers_only:
+            return image_emb, text_emb
         if embed_only:
             return (None if image_emb is None else self.objective.embed_image(image_emb),
                     None if text_emb is None else self.objective.embed_text(text_emb))
@@ -108,3 +113,25 @@ def build_model(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig) -> tuple
     towers = build_towers(model_cfg)
     objective = build_objective(objective_cfg, towers.embed_dim)
     return ContrastiveModel(towers.model, objective), towers
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(module: nn.Module) -> None:
+    """Average every BatchNorm's running statistics over the ranks (nothing to do on one rank).
+
+    BatchNorm normalises with each rank's own batch in training (the reference's DDP did too), so
+    each rank's running statistics drift apart; evaluation and checkpoints use them. Averaged,
+    every rank evaluates its slice of a set with the same network, and a checkpoint (written from
+    rank 0) holds what every rank holds, so a resumed run continues exactly.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    buffers = [buf for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats for buf in (m.running_mean, m.running_var)]
+    if not buffers:
+        return
+    flat = torch.cat([buf.float().flatten() for buf in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for buf, values in zip(buffers, flat.split([buf.numel() for buf in buffers])):
+        buf.copy_(values.view_as(buf))

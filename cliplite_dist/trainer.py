@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from cliplite_dist import checkpoint, rundir
 from cliplite_dist.config import Config, dump_config
+from cliplite_dist.data.augment import PRESETS
 from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadData, exceeds, fractions,
                                            too_much_bad_data)
 from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, make_loader
@@ -34,7 +35,7 @@ from cliplite_dist.engine import build_engine, lr_factor, set_lr
 from cliplite_dist.evaluate import tasks
 from cliplite_dist.evaluate.embed import DistributedEmbedder
 from cliplite_dist.metrics import MetricLogger
-from cliplite_dist.models import build_model
+from cliplite_dist.models import average_batchnorm_statistics, build_model
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again to resume
 EXIT_BAD_DATA = 65  # EX_DATAERR: the data cannot be read (or too much of it is bad); not worth a requeue
@@ -130,14 +131,16 @@ class Trainer:
         self.engine_info = build_engine(model, cfg, self.device)
         self.engine = self.engine_info.engine
         torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank randomness from here on
-        random.seed(cfg.train.seed * 1000 + env.rank)  # crop boxes when data.workers=0 (workers seed their own)
+        random.seed(cfg.train.seed * 1000 + env.rank)  # augmentation draws when data.workers=0 (workers seed their own)
 
         num_samples = cfg.data.samples_per_epoch or cfg.data.num_samples or count_samples(all_urls(corpora))
         self.batches_per_epoch = max(1, num_samples // (cfg.data.batch_size * env.world_size))
         resize_in_worker = cfg.data.resize_on == "worker" or (cfg.data.resize_on == "auto"
                                                               and self.device.type != "cuda")
-        decoder = SampleDecoder(uint8_train_transform(towers.train_transform, resize=resize_in_worker),
-                                cfg.data.caption_key, tuple(cfg.data.image_keys.split(";")), decode=decode_uint8)
+        train_transform = uint8_train_transform(towers.train_transform, resize=resize_in_worker,
+                                                augment=PRESETS[cfg.data.augment])
+        decoder = SampleDecoder(train_transform, cfg.data.caption_key, tuple(cfg.data.image_keys.split(";")),
+                                decode=decode_uint8)
         self.image_transform = DeviceTransform(towers.train_transform, self.device, self.engine_info.input_dtype,
                                                resizes=not resize_in_worker)
         self.stream = ShardStream(corpora, cfg.data, decoder, BatchTokenizer(towers.tokenizer), env.rank,
@@ -156,6 +159,9 @@ class Trainer:
         if cfg.data.eval_zeroshot:
             self.eval_zeroshot = tasks.prepare_zeroshot(cfg.data.eval_zeroshot, towers.eval_transform,
                                                         towers.tokenizer, cfg.data.eval_max_samples)
+        self.eval_probes = {Path(spec.rstrip("/")).name: tasks.prepare_probe(spec, towers.eval_transform,
+                                                                             cfg.data.eval_max_samples)
+                            for spec in cfg.data.eval_probe.split("::") if spec}
         self.metrics = MetricLogger(self.run_dir / "tensorboard" if env.is_main else None)
         log.info("run %s: %s, %d rank(s) (%s), device %s, %s, ZeRO %d; %d samples, %d batches of %d "
                  "per rank per epoch", self.run_dir, cfg.objective.name, env.world_size, env.source,
@@ -217,6 +223,7 @@ class Trainer:
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _save(self, step: int, epoch: int) -> None:
+        average_batchnorm_statistics(self.engine.module)
         state = {"step": step, "epoch": epoch, "data": self.progress.state_dict(), "data_seed": self.stream.seed}
         checkpoint.save(self.engine, self.ckpt_root, step, state, self.cfg.train.keep_checkpoints)
         self.saved_step = step
@@ -227,6 +234,7 @@ class Trainer:
         embedder = DistributedEmbedder(self.engine, self.cfg.data.eval_batch_size, self.device,
                                        self.engine_info.input_dtype)
         results = {}
+        average_batchnorm_statistics(self.engine.module)
         self.engine.eval()
         try:
             if self.eval_retrieval is not None:
@@ -239,6 +247,13 @@ class Trainer:
                 results.update({f"zeroshot_{k}": v for k, v in zeroshot.items()})
                 log.info("eval step %d: zero-shot top-1 %.3f top-5 %.3f (chance %.4f, %d classes)", step,
                          zeroshot["top1"], zeroshot["top5"], zeroshot["chance_top1"], zeroshot["num_classes"])
+            if self.eval_probes:
+                towers = DistributedEmbedder(self.engine, self.cfg.data.eval_batch_size, self.device,
+                                             self.engine_info.input_dtype, towers_only=True)
+                for name, data in self.eval_probes.items():
+                    probe = tasks.probe(towers, data)
+                    results[f"probe_{name}_{probe.metric}"] = probe.value
+                    log.info("eval step %d: linear probe on %s: %s %.3f", step, name, probe.metric, probe.value)
         finally:
             self.engine.train()
         self.metrics.scalars({f"eval/{k}": v for k, v in results.items()}, step)
@@ -315,7 +330,7 @@ class Trainer:
             self.progress.update(info)
             if self.keys_file is not None:
                 self.keys_file.write(json.dumps({"step": step + 1, "keys": info.keys}) + "\n")
-            inputs = self.image_transform(images.to(self.device, non_blocking=True))
+            inputs = self.image_transform(images.to(self.device, non_blocking=True), info.augment)
             token_ids = tokens.to(self.device, non_blocking=True, copy=True)
             info.release()  # both copied: its loader worker may write the next batch over them
             out = engine(inputs, token_ids)

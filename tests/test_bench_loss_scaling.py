@@ -19,10 +19,12 @@ from loss_scaling import analytic_bytes, count_step  # noqa: E402
 
 WORLD, B, D = 2, 8, 16  # ranks, rows per rank, embedding width (fp32: 4 bytes)
 # By hand, per rank, sent + received. InfoNCE: forward all_gather of [8, 32] (1024 B each way),
-# backward all_reduce of [16, 32] (2048 B, ring at W=2: 2048 B each way). cross_rank: [8, 16]
-# (512 B) to one neighbour and from the other, forward and backward.
-BY_HAND = {"infonce": 6144, "cliplite-cross_rank": 2048, "cliplite-shift": 0}
+# backward all_reduce of [16, 32] (2048 B, ring at W=2: 2048 B each way). SigLIP: the other
+# rank's [8, 16] text features (512 B) in, ours out, forward, and their gradients backward.
+# cross_rank: [8, 16] (512 B) to one neighbour and from the other, forward and backward.
+BY_HAND = {"infonce": 6144, "siglip": 2048, "cliplite-cross_rank": 2048, "cliplite-shift": 0}
 CALLS = {"infonce": {"all_gather_into_tensor": 1, "all_reduce": 1},
+         "siglip": {"batch_isend_irecv": 2, "isend": 2, "irecv": 2},
          "cliplite-cross_rank": {"batch_isend_irecv": 2, "isend": 2, "irecv": 2},
          "cliplite-shift": {}}
 
@@ -65,8 +67,9 @@ def test_counter_restores_torch_distributed(ranks):
 
 
 def test_analytic_scaling_in_world_size():
-    """InfoNCE grows with W - 1 (gather and gradient all-reduce of every rank's features);
-    cross_rank stays one neighbour exchange; nothing communicates on one rank."""
+    """InfoNCE and SigLIP grow with W - 1 (every rank's features pass by); cross_rank stays one
+    neighbour exchange; nothing communicates on one rank."""
     assert analytic_bytes("infonce", 9, B, D) == 8 * BY_HAND["infonce"]
+    assert analytic_bytes("siglip", 9, B, D) == 8 * BY_HAND["siglip"]
     assert analytic_bytes("cliplite-cross_rank", 64, B, D) == BY_HAND["cliplite-cross_rank"]
     assert analytic_bytes("infonce", 1, B, D) == analytic_bytes("cliplite-cross_rank", 1, B, D) == 0

@@ -43,7 +43,8 @@ def test_unknown_section_in_recipe_names_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("objective.name=siglip", "objective.name='siglip'"),
+    ("objective.name=clip", "objective.name='clip'"),
+    ("objective.negatives=hard", "objective.negatives='hard'"),
     ("engine.zero_stage=4", "engine.zero_stage=4"),
     ("data.batch_size=0", "data.batch_size=0"),
     ("data.batch_size=abc", "data.batch_size"),

@@ -15,7 +15,8 @@ from runkit import RECIPE, metric_steps, run, tiny_overrides, torchrun_command, 
 
 @pytest.mark.parametrize("objective", [["objective.name=cliplite", "objective.head=mlp"],
                                        ["objective.name=cliplite", "objective.head=linear"],
-                                       ["objective.name=infonce"]], ids=["cliplite-mlp", "cliplite-linear", "infonce"])
+                                       ["objective.name=infonce"], ["objective.name=siglip"]],
+                         ids=["cliplite-mlp", "cliplite-linear", "infonce", "siglip"])
 def test_exported_embeddings_equal_the_trained_model(tiny_corpus, tmp_path, objective, monkeypatch):
     proc = run(train_command() + [RECIPE] + objective + tiny_overrides(
         tiny_corpus, tmp_path, **{"train.steps": 3, "train.checkpoint_every": 0, "data.eval": "''",
@@ -49,6 +50,8 @@ def test_exported_embeddings_equal_the_trained_model(tiny_corpus, tmp_path, obje
         towers_oc, _, preprocess_oc = open_clip.create_model_and_transforms(f"local-dir:{out}")
         assert torch.allclose(towers_oc.encode_image(images), trained.towers.encode_image(images), atol=1e-5)
         assert torch.allclose(towers_oc.logit_scale.exp(), trained.objective.temperature().float(), rtol=1e-5)
+        if cfg.objective.name == "siglip":  # open_clip's SigLIP towers carry the learned bias too
+            assert torch.allclose(towers_oc.logit_bias, trained.objective.bias[0])
     meta = json.loads((out / "cliplite_meta.json").read_text())
     assert meta["objective"]["name"] == cfg.objective.name and meta["step"] == 3
 

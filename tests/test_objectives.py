@@ -1,5 +1,7 @@
-"""Objectives: exact multi-rank equivalences on real gloo groups, hand-computed CLIP-Lite values,
-the no-communication guarantee of CLIP-Lite's default negatives, derangements, prior, dtypes.
+"""Objectives: exact multi-rank equivalences on real gloo groups (InfoNCE, SigLIP, CLIP-Lite's
+cross_rank negatives and global-batch BatchNorm), hand-computed CLIP-Lite and SigLIP values, the
+reference code's critic head and prior, the no-communication guarantee of CLIP-Lite's default
+negatives, derangements, dtypes.
 
 The multi-rank scenarios run once per world size (one `mp.spawn` each) and hand their results
 back through files; the checks compare them with single-process computations here.
@@ -21,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliplite_dist.config import CHOICES, ObjectiveConfig
-from cliplite_dist.objectives import (HEADS, NEGATIVES, OBJECTIVES, CLIPLite, InfoNCE, ObjectiveOutput,
-                                      build_objective)
-from cliplite_dist.objectives.cliplite import hardest_other, random_derangement
+from cliplite_dist.objectives import CLIPLite, InfoNCE, ObjectiveOutput, SigLIP, build_objective
+from cliplite_dist.objectives.cliplite import NEGATIVES, EncodeAndDotHead, GlobalBatchNorm1d, random_derangement
 
 B, DIN, D = 4, 6, 5  # rows per rank, tower input width, embedding width
 
@@ -60,9 +61,22 @@ def _infonce_model() -> Model:
     return Model(InfoNCE(temperature_init=10.0, temperature_max=100.0))
 
 
+def _siglip_model() -> Model:
+    return Model(SigLIP(temperature_init=3.0, bias_init=-2.0))
+
+
 def _cross_rank_model() -> Model:
     torch.manual_seed(1)
-    return Model(CLIPLite(D, head="mlp", negatives="cross_rank", temperature_init=5.0))
+    return Model(CLIPLite(D, head="mlp", head_norm="layer", negatives="cross_rank", temperature_init=5.0))
+
+
+def _global_bn() -> nn.Module:
+    torch.manual_seed(2)
+    bn = GlobalBatchNorm1d(DIN).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
 
 
 def _loss_and_grads(model: Model, x_img, x_txt) -> dict:
@@ -82,9 +96,29 @@ def _scenario_infonce(rank: int, world: int) -> dict:
     return _loss_and_grads(_infonce_model(), _local_rows(x_img, rank), _local_rows(x_txt, rank))
 
 
+def _scenario_siglip(rank: int, world: int) -> dict:
+    x_img, x_txt = _batch(world)
+    return _loss_and_grads(_siglip_model(), _local_rows(x_img, rank), _local_rows(x_txt, rank))
+
+
 def _scenario_cross_rank(rank: int, world: int) -> dict:
     x_img, x_txt = _batch(world)
     return _loss_and_grads(_cross_rank_model(), _local_rows(x_img, rank), _local_rows(x_txt, rank))
+
+
+def _scenario_global_bn(rank: int, world: int) -> dict:
+    """Each rank normalises its rows with the global batch's statistics; loss = sum of the rank's
+    outputs times fixed weights, so every output's gradient matters."""
+    x = _local_rows(_batch(world)[0], rank).clone().requires_grad_()
+    bn = _global_bn()
+    out = bn(x)
+    (out * _bn_loss_weights(world)[rank * B:(rank + 1) * B]).sum().backward()
+    return {"out": out.detach(), "x_grad": x.grad, "weight_grad": bn.weight.grad, "bias_grad": bn.bias.grad,
+            "running_mean": bn.running_mean, "running_var": bn.running_var}
+
+
+def _bn_loss_weights(world: int) -> torch.Tensor:
+    return torch.randn(world * B, DIN, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
 
 
 def _count_calls(fn) -> int:
@@ -121,12 +155,12 @@ def _scenario_comm_counts(rank: int, world: int) -> dict:
     """Communication calls in forward + backward of each objective, inside a real group."""
     x_img, x_txt = (_local_rows(x, rank) for x in _batch(world))
     models = {negatives: Model(CLIPLite(D, negatives=negatives, prior_weight=0.1)) for negatives in NEGATIVES}
-    models["infonce"] = _infonce_model()
+    models["infonce"], models["siglip"] = _infonce_model(), _siglip_model()
     return {name: _count_calls(lambda m=model: m(x_img, x_txt).loss.backward()) for name, model in models.items()}
 
 
-SCENARIOS = {"infonce": _scenario_infonce, "cross_rank": _scenario_cross_rank,
-             "comm_counts": _scenario_comm_counts}
+SCENARIOS = {"infonce": _scenario_infonce, "siglip": _scenario_siglip, "cross_rank": _scenario_cross_rank,
+             "global_bn": _scenario_global_bn, "comm_counts": _scenario_comm_counts}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -231,9 +265,9 @@ def test_temperature_clamped_inside_forward_only():
 def test_cliplite_default_negatives_never_communicate(rank_results):
     for rank, result in enumerate(rank_results(2)):
         counts = result["comm_counts"]
-        assert {k: counts[k] for k in ("shift", "random", "hard")} == {"shift": 0, "random": 0, "hard": 0}, rank
+        assert {k: counts[k] for k in ("shift", "random")} == {"shift": 0, "random": 0}, rank
         # The instrumentation does see traffic where there is some.
-        assert counts["cross_rank"] > 0 and counts["infonce"] > 0, (rank, counts)
+        assert counts["cross_rank"] > 0 and counts["infonce"] > 0 and counts["siglip"] > 0, (rank, counts)
 
 
 # ----------------------------------------------------------------------------- 4. cross_rank
@@ -287,32 +321,47 @@ def test_random_negatives_with_two_rows_pair_the_other_caption():
     torch.testing.assert_close(out.metrics["neg_score"], expected.detach())
 
 
-def test_hard_negatives_pick_best_other_caption():
-    torch.manual_seed(5)
-    zi, zt = torch.randn(7, 4), torch.randn(7, 4)
-    brute = [max((j for j in range(7) if j != i), key=lambda j: float(zi[i] @ zt[j])) for i in range(7)]
-    assert hardest_other(zi, zt).tolist() == brute
-
-    obj = CLIPLite(4, head="mlp", negatives="hard")
-    emb_i, emb_t = torch.randn(7, 4), torch.randn(7, 4)
-    out = obj(emb_i, emb_t)
-    ni, nt = obj.embed_image(emb_i).detach(), obj.embed_text(emb_t).detach()
-    hardest = [max(float(ni[i] @ nt[j]) for j in range(7) if j != i) for i in range(7)]
-    expected = obj.temperature().item() * sum(hardest) / 7
-    assert out.metrics["neg_score"].item() == pytest.approx(expected, abs=1e-5)
-
-
-@pytest.mark.parametrize("negatives", ["shift", "random", "hard", "cross_rank"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_batch_of_one_is_a_clear_error(negatives):
     with pytest.raises(ValueError, match="batch size >= 2"):
         CLIPLite(3, negatives=negatives)(torch.randn(1, 3), torch.randn(1, 3))
 
 
-# ----------------------------------------------------------------------------- 6. image prior
+# ----------------------------------------------------------------------------- 6. priors
 
-def test_prior_adds_weighted_term():
+def _reference_prior_term(discriminator: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The reference code's formula as written there: D ends in a sigmoid, noise ~ U[0, 1)."""
+    prior = torch.rand_like(features)
+    term_a = torch.log(torch.sigmoid(discriminator(prior))).mean()
+    term_b = torch.log(1.0 - torch.sigmoid(discriminator(features))).mean()
+    return -(term_a + term_b)
+
+
+def test_reference_prior_formula_and_weighting():
+    """(1 - w) JSD + w (image prior + text prior), every parameter minimising it (no reversal)."""
     torch.manual_seed(6)
-    obj = CLIPLite(4, head="linear", prior_weight=0.5)
+    obj = CLIPLite(4, head="linear", prior="reference", prior_weight=0.1)
+    emb_i, emb_t = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    assert [m.out_features for m in obj.prior.image if isinstance(m, nn.Linear)] == [1000, 200, 1]
+    torch.manual_seed(7)
+    out = obj(emb_i, emb_t)
+    torch.manual_seed(7)  # the same noise: the image term draws first, then the text term
+    want_prior = _reference_prior_term(obj.prior.image, emb_i) + _reference_prior_term(obj.prior.text, emb_t)
+    m = out.metrics
+    torch.testing.assert_close(m["loss_prior"], want_prior.detach())
+    torch.testing.assert_close(out.loss.detach(), 0.9 * (m["loss_pos"] + m["loss_neg"]) + 0.1 * want_prior.detach())
+    # the image features' gradient is that of plain minimisation (cooperative, as in the reference)
+    (grad_obj,) = torch.autograd.grad(out.loss, emb_i)
+    no_prior = CLIPLite(4, head="linear")
+    no_prior.load_state_dict(obj.state_dict(), strict=False)
+    jsd = no_prior(emb_i, emb_t).loss
+    (grad_want,) = torch.autograd.grad(0.9 * jsd + 0.1 * want_prior, emb_i)
+    torch.testing.assert_close(grad_obj, grad_want)
+
+
+def test_adversarial_prior_adds_weighted_term():
+    torch.manual_seed(6)
+    obj = CLIPLite(4, head="linear", prior="adversarial", prior_weight=0.5)
     out = obj(torch.randn(6, 4), torch.randn(6, 4))
     m = out.metrics
     assert m["loss_prior"] > 0
@@ -323,7 +372,7 @@ def test_prior_gradient_reversal():
     """The discriminator gets the gradient of plain BCE minimisation; the image embedding gets
     exactly its negation (the encoder maximises what the discriminator minimises)."""
     torch.manual_seed(7)
-    obj = CLIPLite(4, head="linear", prior_weight=0.5)
+    obj = CLIPLite(4, head="linear", prior="adversarial", prior_weight=0.5)
     emb, txt = torch.randn(6, 4), torch.randn(6, 4)
     disc = obj.prior.discriminator
 
@@ -340,7 +389,7 @@ def test_prior_gradient_reversal():
         logits = disc(torch.cat([fake, noise])).squeeze(1)
         return F.binary_cross_entropy_with_logits(logits, torch.cat([torch.zeros(6), torch.ones(6)]))
 
-    g_rev, d_rev = grads(obj.prior)
+    g_rev, d_rev = grads(lambda x: obj.prior(x, txt))
     g_plain, d_plain = grads(plain_bce)
     assert g_plain.abs().sum() > 0
     torch.testing.assert_close(g_rev, -g_plain)
@@ -360,15 +409,17 @@ def test_prior_weight_zero_creates_no_discriminator():
     assert obj.prior is None
     assert not any("prior" in name for name, _ in obj.named_parameters())
     assert "loss_prior" not in obj(torch.randn(3, 4), torch.randn(3, 4)).metrics
-    with pytest.raises(ValueError, match="prior_weight"):
-        CLIPLite(4, prior_weight=-0.1)
+    for weight in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="prior_weight"):
+            CLIPLite(4, prior_weight=weight)
 
 
 # ----------------------------------------------------------------------------- 7. dtypes and config
 
 def _objectives():
     return [CLIPLite(8, head="mlp", head_hidden=16, head_dim=6, prior_weight=0.1), InfoNCE(1 / 0.07, 100.0),
-            CLIPLite(8, head="linear", negatives="hard")]
+            CLIPLite(8, head="linear", negatives="random", prior="adversarial", prior_weight=0.1),
+            CLIPLite(8, head="mlp", head_norm="sync_batch"), SigLIP()]
 
 
 def test_parameters_float32_and_bf16_inputs_give_float32_loss():
@@ -390,11 +441,98 @@ def test_build_objective_and_errors():
     assert isinstance(build_objective(ObjectiveConfig(name="infonce"), 8), InfoNCE)
     obj = build_objective(ObjectiveConfig(name="cliplite", head="mlp", head_dim=4, negatives="random"), 8)
     assert isinstance(obj, CLIPLite) and obj.embed_image(torch.randn(2, 8)).shape == (2, 4)
-    assert (OBJECTIVES, HEADS, NEGATIVES) == (CHOICES["objective.name"], CHOICES["objective.head"],
-                                              CHOICES["objective.negatives"])
-    bad = {"name": ("clip", "cliplite, infonce"), "head": ("bn", "mlp, linear"),
-           "negatives": ("global", "shift, random, hard, cross_rank")}
-    for key, (value, choices) in bad.items():
+    # temperature_init 0: each objective's paper value
+    assert build_objective(ObjectiveConfig(name="infonce"), 8).temperature().item() == pytest.approx(1 / 0.07)
+    assert build_objective(ObjectiveConfig(name="cliplite"), 8).temperature().item() == pytest.approx(1 / 0.07)
+    siglip = build_objective(ObjectiveConfig(name="siglip"), 8)
+    assert siglip.temperature().item() == pytest.approx(10.0) and siglip.bias.item() == -10.0
+    assert build_objective(ObjectiveConfig(name="siglip", temperature_init=3.0), 8).temperature().item() == \
+        pytest.approx(3.0)
+    for key in ("name", "head", "head_norm", "negatives", "prior"):
         with pytest.raises(ValueError) as err:
-            build_objective(ObjectiveConfig(**{key: value}), 8)
-        assert f"objective.{key}={value!r}" in str(err.value) and choices in str(err.value)
+            build_objective(ObjectiveConfig(**{key: "nonsense"}), 8)
+        assert f"objective.{key}='nonsense'" in str(err.value)
+        assert ", ".join(CHOICES[f"objective.{key}"]) in str(err.value)
+
+
+# ----------------------------------------------------------------------------- 8. critic head norms
+
+def _reference_block(x: torch.Tensor, head: EncodeAndDotHead, training: bool) -> torch.Tensor:
+    """The reference's MILinearBlock on `head`'s weights, spelled out: Linear (no bias) ->
+    BatchNorm1d -> ReLU -> Linear, plus the shortcut, then LayerNorm."""
+    lin1, bn, _, lin2 = head.branch
+    h = x @ lin1.weight.T
+    if training:
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    h = (h - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+    f = torch.relu(h) @ lin2.weight.T + lin2.bias + x @ head.shortcut.weight.T + head.shortcut.bias
+    return F.layer_norm(f, f.shape[1:], head.norm.weight, head.norm.bias, head.norm.eps)
+
+
+def test_batchnorm_head_in_train_and_eval_mode():
+    torch.manual_seed(8)
+    head = EncodeAndDotHead(6, 10, 6, norm="batch")
+    assert isinstance(head.branch[1], nn.BatchNorm1d) and head.branch[0].bias is None
+    torch.testing.assert_close(head.shortcut.weight.diagonal(), torch.ones(6))  # near-identity shortcut
+    assert head.shortcut.weight.abs().max() == 1.0
+    x = torch.randn(16, 6)
+    torch.testing.assert_close(head(x), _reference_block(x, head, training=True))  # batch statistics
+    assert head.branch[1].num_batches_tracked == 1 and head.branch[1].running_mean.abs().sum() > 0
+    for _ in range(5):
+        head(torch.randn(16, 6) * 2 + 1)  # running statistics move on
+    head.eval()
+    y = torch.randn(3, 6)
+    torch.testing.assert_close(head(y), _reference_block(y, head, training=False))  # running statistics
+    torch.testing.assert_close(head(y[:1]), head(y)[:1])  # evaluation: a row does not depend on its batch
+
+
+def test_layer_norm_head_normalises_each_row_alone():
+    torch.manual_seed(9)
+    head = EncodeAndDotHead(6, 10, 6, norm="layer")
+    assert isinstance(head.branch[1], nn.LayerNorm)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(head(x)[:2], head(x[:2]))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_global_batchnorm_ranks_equal_full_batch(rank_results, world):
+    """W ranks' outputs, input gradients, affine gradients (summed over ranks) and running
+    statistics equal one plain BatchNorm1d on the global batch."""
+    ranks = [r["global_bn"] for r in rank_results(world)]
+    x = _batch(world)[0].clone().requires_grad_()
+    bn = nn.BatchNorm1d(DIN).double()
+    bn.load_state_dict(_global_bn().state_dict())
+    out = bn(x)
+    (out * _bn_loss_weights(world)).sum().backward()
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach())
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x.grad)
+    torch.testing.assert_close(sum(r["weight_grad"] for r in ranks), bn.weight.grad)
+    torch.testing.assert_close(sum(r["bias_grad"] for r in ranks), bn.bias.grad)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], bn.running_mean)
+        torch.testing.assert_close(r["running_var"], bn.running_var)
+
+
+# ----------------------------------------------------------------------------- 9. SigLIP
+
+def test_siglip_matches_hand_computation():
+    obj = SigLIP(temperature_init=2.0, bias_init=-1.0)
+    images = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    texts = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # units (0.6, 0.8), (0, 1)
+    out = obj(images, texts)
+    cos = [[0.6, 0.0], [0.8, 1.0]]
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    want = -sum(log_sigmoid((1 if i == j else -1) * (2 * cos[i][j] - 1)) for i in range(2) for j in range(2)) / 2
+    assert out.loss.item() == pytest.approx(want, abs=1e-6)
+    assert out.metrics["temperature"].item() == pytest.approx(2.0) and out.metrics["bias"].item() == -1.0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_siglip_ranks_equal_full_batch(rank_results, world):
+    ranks = [r["siglip"] for r in rank_results(world)]
+    model = _siglip_model()
+    out = model(*_batch(world))
+    _assert_matches_full_batch(ranks, out.loss, model)
+    assert model.objective.bias.grad.abs() > 0 and model.objective.log_temp.grad.abs() > 0

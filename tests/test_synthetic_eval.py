@@ -76,7 +76,7 @@ def test_layout(sets, kind):
         assert len(syn.CLASS_NAMES) == len(syn.COLOURS) * len(syn.SHAPES)
     elif kind == "multilabel":
         assert top == ["classnames.txt", "dataset_type.txt", "zeroshot_classification_templates.txt"]
-        assert lines(d / "classnames.txt") == list(syn.SHAPES)
+        assert lines(d / "classnames.txt") == list(syn.COLOURS) + list(syn.SHAPES) == list(syn.LABEL_NAMES)
         assert lines(d / "dataset_type.txt") == ["multilabel"]
     else:
         assert top == ["dataset_type.txt"]
@@ -101,7 +101,7 @@ def test_members_and_clip_benchmark_reading(sets, kind):
     if kind == "classification":
         assert isinstance(label, int) and 0 <= label < len(syn.CLASS_NAMES)
     elif kind == "multilabel":
-        assert label.shape == (len(syn.SHAPES),) and label.dtype == np.uint8
+        assert label.shape == (len(syn.LABEL_NAMES),) and label.dtype == np.uint8
     else:
         assert isinstance(label, list) and len(label) >= 2
 
@@ -132,9 +132,10 @@ def test_multilabel_vectors_match_objects(sets):
     for s in samples:
         meta = json.loads(s["json"])
         vector = np.load(io.BytesIO(s["npy"]), allow_pickle=False)
-        present = {o["shape"] for o in meta["objects"]}
+        present = {o[attr] for o in meta["objects"] for attr in ("colour", "shape")}
         assert vector.dtype == np.uint8
-        assert vector.tolist() == meta["labels"] == [int(x in present) for x in syn.SHAPES]
+        assert vector.tolist() == meta["labels"] == [int(x in present) for x in (*syn.COLOURS, *syn.SHAPES)]
+        assert 2 <= vector.sum() <= 4
         for obj in meta["objects"]:
             assert nearest_colour(s["jpg"], obj) == obj["colour"], meta
         counts.add(len(meta["objects"]))

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cliplite_dist.config import DataConfig
+from cliplite_dist.data.augment import Augmented, BatchAugment, unwrap_augmented, with_augment
 from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
 from cliplite_dist.data.handoff import HandOff, SharedBuffers, collate_batch, collate_jpegs, forget
 from cliplite_dist.data.imagebatch import BoxedImage
@@ -69,12 +70,16 @@ class SampleDecoder:
         return self.decode is decode_uint8 and isinstance(self.transform, RandomResizedCropUint8) \
             and not self.transform.resize
 
-    def whole_jpeg(self, sample: dict) -> tuple[bytes, int, int, tuple[int, int, int, int]] | None:
+    def whole_jpeg(self, sample: dict) -> tuple[bytes, int, int, tuple[int, int, int, int]] | Augmented | None:
         """(JPEG data, height, width, crop box) of the sample's image, to be decoded straight into
-        a batch buffer (`handoff.collate_jpegs`); None if it is not a JPEG `jpeg` decodes."""
+        a batch buffer (`handoff.collate_jpegs`), `Augmented` if the transform drew a flip and
+        jitter with the box; None if it is not a JPEG `jpeg` decodes."""
         data = self._image_data(sample)
         size = None if data is None else jpeg_size(data)
-        return None if size is None else (data, *size, self.transform.box(*size))
+        if size is None:
+            return None
+        box, augment = self.transform.draw(*size)
+        return with_augment((data, *size, box), augment)
 
     def caption(self, sample: dict, pick: int) -> str:
         """The caption: of a list, the non-empty one at `pick` modulo their number (the first
@@ -103,7 +108,8 @@ def _where(sample: dict) -> str:
     return f"{sample.get('__url__')}:{sample.get('__key__')}"
 
 
-def image_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounter) -> torch.Tensor | BoxedImage | None:
+def image_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounter
+                  ) -> torch.Tensor | BoxedImage | Augmented | None:
     try:
         return decoder.image(sample)
     except Exception as exc:  # undecodable, truncated, no image field
@@ -132,9 +138,10 @@ def caption_or_none(sample: dict, decoder: SampleDecoder, counter: BadDataCounte
 @dataclass
 class BatchInfo:
     """What rides along with a batch: which reader made it, where that reader now stands, its
-    bad-data counts so far, (with data.record_keys) the samples' `url#key`s, and, from a loader
-    worker, the lease on the shared memory holding the batch's images and tokens (the DataLoader's
-    pinning leaves it alone: it stays the worker's byte)."""
+    bad-data counts so far, (with data.record_keys) the samples' `url#key`s, from a loader worker
+    the lease on the shared memory holding the batch's images and tokens (the DataLoader's
+    pinning leaves it alone: it stays the worker's byte), and the flips and colour jitter the
+    device applies (`DeviceTransform`; None with data.augment=open_clip)."""
 
     epoch: int
     reader: int  # logical worker index within the rank
@@ -142,6 +149,7 @@ class BatchInfo:
     bad: dict
     keys: list[str] = field(default_factory=list)
     lease: torch.Tensor | None = None  # handoff.SharedBuffers' flag byte
+    augment: BatchAugment | None = None
 
     def release(self) -> None:
         """Let the worker that wrote this batch's images and tokens overwrite them: call once
@@ -228,11 +236,12 @@ class ShardStream(IterableDataset):
                         break
                     taken, read_to = self._captioned(samples, batch_size - len(images), counter)
                     position = read_to or position
-                made = collate_batch(images, self.tokenizer([caption for _, caption in chosen]), buffers)
+                made = self._collate(collate_batch, images, [caption for _, caption in chosen], buffers)
                 taken = chosen
-            images, tokens, lease = made
+            images, tokens, lease, augment = made
             keys = [f"{sample['__url__']}#{sample['__key__']}" for sample, _ in taken] if record else []
-            batch = images, tokens, BatchInfo(self.epoch, reader, position.to_dict(), counter.snapshot(), keys, lease)
+            batch = images, tokens, BatchInfo(self.epoch, reader, position.to_dict(), counter.snapshot(), keys, lease,
+                                              augment)
             yield batch if buffers is None else HandOff(self.id, buffers, batch)
 
     def _jpeg_batch(self, taken: list[tuple[dict, str]], buffers: SharedBuffers | None) -> tuple | None:
@@ -245,7 +254,18 @@ class ShardStream(IterableDataset):
             if jpeg is None:
                 return None
             jpegs.append(jpeg)
-        return collate_jpegs(jpegs, self.tokenizer([caption for _, caption in taken]), buffers)
+        return self._collate(collate_jpegs, jpegs, [caption for _, caption in taken], buffers)
+
+    def _collate(self, collate: Callable, items: list, captions: list[str], buffers: SharedBuffers | None
+                 ) -> tuple | None:
+        """(images, tokens, lease, flips and jitter) of `collate(items, tokens, buffers)`: the
+        items' draws (`augment.Augmented`) taken off, and the captions of flipped samples swapped
+        (left <-> right) before they are tokenised; None where `collate` gives None."""
+        items, augment = unwrap_augmented(items)
+        if augment is not None:
+            captions = augment.captions(captions)
+        made = collate(items, self.tokenizer(captions), buffers)
+        return None if made is None else (*made, augment)
 
 
 # glibc mallopt parameters (malloc.h)

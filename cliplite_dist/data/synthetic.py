@@ -401,6 +401,8 @@ def ensure_corpus(cfg) -> None:
 
 # Class index = colour index * len(SHAPES) + shape index.
 CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+# Multi-label set: one label per colour, then one per shape, set when the scene has it.
+LABEL_NAMES: tuple[str, ...] = (*COLOURS, *SHAPES)
 # Phrased like the training captions (size word first, so "orange" never follows a bare "a").
 ZEROSHOT_TEMPLATES: tuple[str, ...] = (
     "one {c}.",
@@ -430,7 +432,7 @@ def make_eval_sample(kind: str, seed: int, split: str, index: int, image_size: i
     """One evaluation sample: {"__key__", "jpg", <label>, "json"}, bytes values but the key.
 
     classification: "cls" (the class index as ASCII), a lone object; multilabel: "npy" (uint8
-    multi-hot over SHAPES, numpy.save format), one or two objects; retrieval: "txt" (all the
+    multi-hot over LABEL_NAMES: the colours and shapes present, numpy.save format), one or two objects; retrieval: "txt" (all the
     scene's captions, one per line), one or two objects. "json" holds the scene and the label.
     """
     if kind not in EVAL_KINDS:
@@ -445,8 +447,8 @@ def make_eval_sample(kind: str, seed: int, split: str, index: int, image_size: i
         meta["label"] = label = class_index(obj["colour"], obj["shape"])
         sample["cls"] = str(label).encode("ascii")
     elif kind == "multilabel":
-        present = {obj["shape"] for obj in scene["objects"]}
-        labels = np.array([shape in present for shape in SHAPES], dtype=np.uint8)
+        present = {obj[attr] for obj in scene["objects"] for attr in ("colour", "shape")}
+        labels = np.array([name in present for name in LABEL_NAMES], dtype=np.uint8)
         meta["labels"] = labels.tolist()
         buf = io.BytesIO()
         np.save(buf, labels, allow_pickle=False)
@@ -487,7 +489,7 @@ def _write_eval_set(kind: str, out_dir, num_samples: int, split: str, seed: int,
         if not wanted:  # left by an earlier set of another kind in this directory
             (root / name).unlink(missing_ok=True)
     if labelled:
-        names = CLASS_NAMES if kind == "classification" else SHAPES
+        names = CLASS_NAMES if kind == "classification" else LABEL_NAMES
         write_text(root / "classnames.txt", "".join(f"{n}\n" for n in names))
         write_text(root / "zeroshot_classification_templates.txt",
                    "".join(f"{t}\n" for t in ZEROSHOT_TEMPLATES))
@@ -520,8 +522,9 @@ def write_classification_set(out_dir, num_samples: int, *, split: str = "test", 
 
 def write_multilabel_set(out_dir, num_samples: int, *, split: str = "test", seed: int = 0,
                          image_size: int = 64, shard_size: int = 1000) -> list[pathlib.Path]:
-    """One- or two-object scenes labelled with a multi-hot uint8 vector over SHAPES (KEY.npy);
-    classnames.txt lists SHAPES; dataset_type.txt is "multilabel". Returns the shard paths."""
+    """One- or two-object scenes labelled with a multi-hot uint8 vector over LABEL_NAMES, every
+    colour and shape present (KEY.npy); classnames.txt lists LABEL_NAMES; dataset_type.txt is
+    "multilabel". Returns the shard paths."""
     return _write_eval_set("multilabel", out_dir, num_samples, split, seed, image_size,
                            shard_size)
 

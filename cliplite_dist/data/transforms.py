@@ -14,6 +14,10 @@ Resizing the crop costs a worker about as much as decoding a 256 px JPEG. With
 whole image (`imagebatch.BoxedImage`), and `DeviceTransform` cuts and resizes each crop on the
 training device, in float32 (clamped to [0, 255], not rounded: within 1.5 grey levels, 0.3 on
 average, of the worker's fixed-point uint8 resize).
+
+`data.augment` (`augment.PRESETS`) may widen the crop and add a flip and colour jitter: the worker
+draws them with the box (`RandomResizedCropUint8.draw`), `DeviceTransform` applies them to the
+float batch, whichever side resized it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
+from cliplite_dist.data.augment import PRESETS, Augmented, BatchAugment, Preset, SampleAugment, with_augment
 from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages
 from cliplite_dist.data.jpeg import decode_jpeg
 
@@ -106,8 +111,10 @@ def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[f
 @dataclass(frozen=True)
 class RandomResizedCropUint8:
     """open_clip's RandomResizedCrop on a uint8 CHW tensor: same box distribution, interpolation
-    and antialiasing (data-loader workers seed Python's RNG per worker, as they do torch's).
-    With `resize=False` it returns the image with its box, for `DeviceTransform` to cut and resize."""
+    and antialiasing (data-loader workers seed Python's RNG per worker, as they do torch's), or
+    the `augment` preset's crop, with its flip and colour jitter drawn alongside (an `Augmented`
+    crop, for `DeviceTransform`). With `resize=False` it returns the image with its box, for
+    `DeviceTransform` to cut and resize."""
 
     size: tuple[int, int]
     scale: tuple[float, float]
@@ -115,26 +122,32 @@ class RandomResizedCropUint8:
     interpolation: v2.InterpolationMode
     antialias: bool
     resize: bool = True
+    augment: Preset = PRESETS["open_clip"]
 
-    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of a crop of an image of this size."""
-        return crop_box(height, width, self.scale, self.ratio, random)
+    def draw(self, height: int, width: int) -> tuple[tuple[int, int, int, int], SampleAugment | None]:
+        """Every random parameter of one sample, from Python's RNG in this order: the (top, left,
+        h, w) of a crop of an image of this size, then the preset's flip and jitter (None, with
+        nothing drawn, for a preset without them)."""
+        return crop_box(height, width, self.scale, self.ratio, random), self.augment.draw(random)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor | BoxedImage:
-        top, left, h, w = self.box(image.shape[-2], image.shape[-1])
+    def __call__(self, image: torch.Tensor) -> torch.Tensor | BoxedImage | Augmented:
+        (top, left, h, w), augment = self.draw(image.shape[-2], image.shape[-1])
         if not self.resize:
-            return BoxedImage(image, (top, left, h, w))
-        return v2.functional.resized_crop(image, top, left, h, w, list(self.size),
-                                          interpolation=self.interpolation, antialias=self.antialias)
+            return with_augment(BoxedImage(image, (top, left, h, w)), augment)
+        crop = v2.functional.resized_crop(image, top, left, h, w, list(self.size), interpolation=self.interpolation,
+                                          antialias=self.antialias)
+        return with_augment(crop, augment)
 
 
-def uint8_train_transform(pil_transform: T.Compose, resize: bool = True) -> RandomResizedCropUint8:
+def uint8_train_transform(pil_transform: T.Compose, resize: bool = True,
+                          augment: Preset = PRESETS["open_clip"]) -> RandomResizedCropUint8:
     """open_clip's train transform up to (not including) scaling and normalisation, on uint8
-    tensors; `resize=False` stops after the crop. Any step it cannot mirror is refused rather
-    than silently dropped."""
+    tensors, with the crop scale and ratio of `augment` where it sets them; `resize=False` stops
+    after the crop. Any step it cannot mirror is refused rather than silently dropped."""
     crop, _ = _crop_and_norm(pil_transform)
-    return RandomResizedCropUint8(tuple(crop.size), tuple(crop.scale), tuple(crop.ratio), crop.interpolation,
-                                  bool(crop.antialias), resize)
+    return RandomResizedCropUint8(tuple(crop.size), augment.scale or tuple(crop.scale),
+                                  augment.ratio or tuple(crop.ratio), crop.interpolation, bool(crop.antialias),
+                                  resize, augment)
 
 
 # torch.nn.functional.interpolate's name for each interpolation open_clip's crop can use
@@ -145,7 +158,8 @@ INTERPOLATE_MODES = {v2.InterpolationMode.BICUBIC: "bicubic", v2.InterpolationMo
 class DeviceTransform:
     """The rest of the train transform, on a uint8 batch already on the device: the crops of
     images that came whole (RaggedImages) cut and resized one by one in float32, then all of it
-    to [0, 1], minus mean, over std, in the engine's input dtype (computed in fp32)."""
+    to [0, 1], flipped and colour-jittered as the worker drew (`augment.BatchAugment`, if any),
+    minus mean, over std, in the engine's input dtype (computed in fp32)."""
 
     def __init__(self, pil_transform: T.Compose, device: torch.device, dtype: torch.dtype, resizes: bool = True):
         """`resizes`: crops come unresized (data.resize_on=device); an interpolation this cannot
@@ -175,9 +189,10 @@ class DeviceTransform:
             out[i] = self._interpolate(crop[None])[0]
         return out.clamp_(0, 255)
 
-    def __call__(self, images: torch.Tensor | RaggedImages) -> torch.Tensor:
-        """uint8 images (or whole images with crop boxes) -> normalised model input. In place on
-        the one float32 copy: three times faster on CPU than fresh tensors per operation."""
+    def __call__(self, images: torch.Tensor | RaggedImages, augment: BatchAugment | None = None) -> torch.Tensor:
+        """uint8 images (or whole images with crop boxes), and the batch's flips and jitter ->
+        normalised model input. In place on the one float32 copy: three times faster on CPU than
+        fresh tensors per operation."""
         if isinstance(images, RaggedImages):
             floats = self.resize(images)
         elif tuple(images.shape[-2:]) != self.size:
@@ -185,4 +200,6 @@ class DeviceTransform:
                              f"{self.size} (crops left to the device come as RaggedImages)")
         else:
             floats = images.to(torch.float32, copy=True)
+        if augment is not None:  # on [0, 1], where the ops' clamps and torchvision's float semantics hold
+            augment.apply(floats.div_(255)).mul_(255)
         return floats.sub_(self.mean).div_(self.std).to(self.dtype)

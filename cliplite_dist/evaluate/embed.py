@@ -27,8 +27,12 @@ class LocalEmbedder:
 
 
 class DistributedEmbedder:
-    def __init__(self, engine, batch_size: int, device, dtype):
+    """`towers_only`: the towers' raw embeddings (a linear probe's features) instead of the
+    objective's retrieval embeddings."""
+
+    def __init__(self, engine, batch_size: int, device, dtype, towers_only: bool = False):
         self.engine, self.batch_size, self.device, self.dtype = engine, batch_size, device, dtype
+        self.mode = {"towers_only": True} if towers_only else {"embed_only": True}
 
     @torch.no_grad()
     def _run(self, data: torch.Tensor, as_images: bool) -> torch.Tensor:
@@ -40,9 +44,9 @@ class DistributedEmbedder:
         for start in range(0, per_rank, self.batch_size):
             batch = data[index[start:start + self.batch_size]]
             if as_images:
-                emb, _ = self.engine(batch.to(self.device, self.dtype), None, embed_only=True)
+                emb, _ = self.engine(batch.to(self.device, self.dtype), None, **self.mode)
             else:
-                _, emb = self.engine(None, batch.to(self.device), embed_only=True)
+                _, emb = self.engine(None, batch.to(self.device), **self.mode)
             parts.append(emb.float())
         local = torch.cat(parts)
         gathered = [torch.empty_like(local) for _ in range(world)]

@@ -15,7 +15,6 @@ from pathlib import Path
 from cliplite_dist.evaluate import tasks
 from cliplite_dist.evaluate.datasets import load_labelled
 from cliplite_dist.evaluate.embed import LocalEmbedder
-from cliplite_dist.evaluate.metrics import linear_probe
 from cliplite_dist.export import META, export_run, load
 
 
@@ -35,12 +34,9 @@ def load_target(target: str | Path, workdir: Path):
 def linear_probe_eval(model, preprocess, train_split: str, test_split: str, batch_size: int,
                       max_images: int = 0) -> dict:
     """Probe on the frozen image tower's features (before any critic head)."""
-    train = load_labelled(train_split, preprocess, max_images)
-    test = load_labelled(test_split, preprocess, max_images)
-    backbone = LocalEmbedder(model.towers, batch_size)
-    result = linear_probe(backbone.images(train.images), train.labels, backbone.images(test.images), test.labels,
-                          multilabel=train.multilabel)
-    return asdict(result)
+    data = tasks.ProbeInputs(load_labelled(train_split, preprocess, max_images),
+                             load_labelled(test_split, preprocess, max_images))
+    return asdict(tasks.probe(LocalEmbedder(model.towers, batch_size), data))
 
 
 def evaluate(target: str, retrieval: str | None = None, zeroshot: str | None = None,

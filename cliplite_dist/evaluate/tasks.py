@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cliplite_dist.evaluate.datasets import (LabelledImages, classnames, load_labelled, load_retrieval,
                                              templates)
-from cliplite_dist.evaluate.metrics import retrieval_metrics, zeroshot_metrics
+from cliplite_dist.evaluate.metrics import ProbeResult, linear_probe, retrieval_metrics, zeroshot_metrics
 
 
 @dataclass
@@ -48,3 +48,22 @@ def zeroshot(embedder, data: ZeroshotInputs) -> dict:
     prompts = embedder.texts(data.prompt_tokens)
     classes = F.normalize(prompts.reshape(-1, data.num_prompts, prompts.shape[1]).mean(dim=1), dim=1)
     return zeroshot_metrics(embedder.images(data.test.images) @ classes.T, data.test.labels)
+
+
+@dataclass
+class ProbeInputs:
+    train: LabelledImages
+    test: LabelledImages
+
+
+def prepare_probe(dataset_dir: str, transform, max_images: int = 0) -> ProbeInputs:
+    """A CLIP_benchmark set's train and test splits (DIR/train, DIR/test)."""
+    root = dataset_dir.rstrip("/")
+    return ProbeInputs(load_labelled(f"{root}/train", transform, max_images),
+                       load_labelled(f"{root}/test", transform, max_images))
+
+
+def probe(embedder, data: ProbeInputs) -> ProbeResult:
+    """Linear probe on the embedder's image features: top-1, or mAP for a multi-label set."""
+    return linear_probe(embedder.images(data.train.images), data.train.labels, embedder.images(data.test.images),
+                        data.test.labels, multilabel=data.train.multilabel)

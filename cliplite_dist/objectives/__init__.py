@@ -1,32 +1,36 @@
 """Training objectives: `build_objective(cfg, embed_dim)` turns the objective config into a module.
 
-Both objectives take the towers' raw embeddings and return an `ObjectiveOutput` (float32 loss,
+Every objective takes the towers' raw embeddings and returns an `ObjectiveOutput` (float32 loss,
 detached tensor metrics); see `base.Objective` for the interface.
 """
 from __future__ import annotations
 
-from cliplite_dist.config import ObjectiveConfig
+from cliplite_dist.config import CHOICES, ObjectiveConfig
+from cliplite_dist.objectives import cliplite, infonce, siglip
 from cliplite_dist.objectives.base import Objective, ObjectiveOutput, check_choice
-from cliplite_dist.objectives.cliplite import HEADS, NEGATIVES, CLIPLite
+from cliplite_dist.objectives.cliplite import CLIPLite
 from cliplite_dist.objectives.infonce import InfoNCE
+from cliplite_dist.objectives.siglip import SigLIP
 
-OBJECTIVES = ("cliplite", "infonce")
+OBJECTIVES = CHOICES["objective.name"]
 
-__all__ = ["Objective", "ObjectiveOutput", "CLIPLite", "InfoNCE", "build_objective",
-           "OBJECTIVES", "HEADS", "NEGATIVES"]
+__all__ = ["Objective", "ObjectiveOutput", "CLIPLite", "InfoNCE", "SigLIP", "build_objective", "OBJECTIVES"]
 
 
 def build_objective(cfg: ObjectiveConfig, embed_dim: int) -> Objective:
     """The objective named by `cfg.name` for towers of width `embed_dim`.
 
-    head, negatives and prior_weight only affect cliplite (infonce ignores them); head and
-    negatives are validated for both, so a typo never passes silently.
+    A temperature_init of 0 takes the objective's paper value (1/0.07 for CLIP-Lite and InfoNCE,
+    10 for SigLIP). Every choice is validated whichever objective uses it, so a typo never passes
+    silently.
     """
-    check_choice("objective.name", cfg.name, OBJECTIVES)
-    check_choice("objective.head", cfg.head, HEADS)
-    check_choice("objective.negatives", cfg.negatives, NEGATIVES)
+    for key in ("name", "head", "head_norm", "negatives", "prior"):
+        check_choice(f"objective.{key}", getattr(cfg, key), CHOICES[f"objective.{key}"])
     if cfg.name == "infonce":
-        return InfoNCE(cfg.temperature_init, cfg.temperature_max)
+        return InfoNCE(cfg.temperature_init or infonce.PAPER_TEMPERATURE, cfg.temperature_max)
+    if cfg.name == "siglip":
+        return SigLIP(cfg.temperature_init or siglip.PAPER_TEMPERATURE, cfg.temperature_max, cfg.bias_init)
     return CLIPLite(embed_dim, head=cfg.head, head_hidden=cfg.head_hidden, head_dim=cfg.head_dim,
-                    negatives=cfg.negatives, temperature_init=cfg.temperature_init,
-                    temperature_max=cfg.temperature_max, prior_weight=cfg.prior_weight)
+                    negatives=cfg.negatives, temperature_init=cfg.temperature_init or cliplite.PAPER_TEMPERATURE,
+                    temperature_max=cfg.temperature_max, prior_weight=cfg.prior_weight, prior=cfg.prior,
+                    head_norm=cfg.head_norm)

@@ -46,6 +46,30 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(x)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Every rank gets the sum of every rank's `x`; each summand's gradient is the sum of every
+    rank's output gradient (every output depends on every input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's `x` (same shape on every rank), differentiable; `x` on one process."""
+    if world()[1] == 1:
+        return x
+    return _AllReduceSum.apply(x)
+
+
 def _ring_shift(x: torch.Tensor, dst: int, src: int) -> torch.Tensor:
     """Send `x` to `dst` and receive a tensor of the same shape from `src`.
 

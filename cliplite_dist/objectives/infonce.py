@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from cliplite_dist.objectives.base import Objective, ObjectiveOutput, check_pairs, normalize
 from cliplite_dist.objectives.gather import gather_rows, world
 
+PAPER_TEMPERATURE = 1 / 0.07  # CLIP's initial logit scale
+
 
 class InfoNCE(Objective):
     """No heads: the towers' embeddings, L2-normalised, are the retrieval embeddings.
