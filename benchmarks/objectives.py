@@ -13,9 +13,9 @@ smallest, by default) at every batch size. At the reference batch the two coinci
 their runs. The corpus is small (2,000 pairs) and repeated for many epochs, as the paper's
 COCO runs were (~2,000 epochs): that is what lets every InfoNCE run reach a plateau here.
 
-Fairness: every row gets its own learning-rate sweep at each batch size and budget, scored on a
-validation split (mean R@1 both ways; a separately generated retrieval set, never a reported
-one). A sweep starts with 3 rates and extends its grid until the winner is not at an edge
+Fairness: every row gets its own learning-rate sweep at each batch size, on the shorter of that
+batch size's two budgets (the other reuses the winner), scored on a validation split (mean R@1
+both ways; a separately generated retrieval set, never a reported one). A sweep starts with 3 rates and extends its grid until the winner is not at an edge
 (`MAX_EXTENSIONS` at most; a winner left at an edge is flagged). CLIP-Lite-paper sweeps both
 optimisers; its variants inherit the winning optimiser and sweep the rate. Then every winner
 trains with fresh seeds (not the sweep's) and is evaluated on the reported sets: held-out
@@ -218,6 +218,10 @@ class Budget:
         """The budgets a batch size is trained on: one run ("both") where they coincide."""
         return ("both",) if self.steps_for("samples", batch) == self.steps else ("steps", "samples")
 
+    def sweep_axis(self, batch: int) -> str:
+        """The budget a batch size's sweep runs on: the one with fewer steps."""
+        return min(self.axes(batch), key=lambda axis: self.steps_for(axis, batch))
+
 
 def cell_cost(cell: dict) -> float:
     """About what a cell costs, for splitting cells between parallel workers: steps x (a fixed
@@ -226,18 +230,17 @@ def cell_cost(cell: dict) -> float:
 
 
 def sweep_cells(rows, batches, budget: Budget, chosen: dict | None = None) -> list[dict]:
-    """The first 3 rates of every (row, batch, budget, optimiser); rows that inherit their
-    optimiser take it from `chosen` ((row, batch, axis) -> winning sweep row)."""
+    """The first 3 rates of every (row, batch, optimiser), on the batch's sweep budget; rows that
+    inherit their optimiser take it from `chosen` ((row, batch, axis) -> winning sweep row)."""
     cells = []
     for name in rows:
         row = ROWS[name]
         for batch in batches:
-            for axis in budget.axes(batch):
-                optimizers = row.optimizers or (chosen[(row.inherits, batch, axis)]["optimizer"],)
-                for optimizer in optimizers:
-                    opt = OPTIMIZERS[optimizer]
-                    cells += [sweep_cell(name, batch, axis, optimizer, lr, budget)
-                              for lr in opt.ladder[opt.start:opt.start + 3]]
+            axis = budget.sweep_axis(batch)
+            for optimizer in row.optimizers or (chosen[(row.inherits, batch, axis)]["optimizer"],):
+                opt = OPTIMIZERS[optimizer]
+                cells += [sweep_cell(name, batch, axis, optimizer, lr, budget)
+                          for lr in opt.ladder[opt.start:opt.start + 3]]
     return cells
 
 
@@ -289,11 +292,11 @@ def winners(rows: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def final_cells(chosen: dict[tuple, dict], seeds) -> list[dict]:
-    """Every winner again with fresh seeds, on the reported sets."""
-    keys = ("row", "batch", "axis", "steps", "optimizer", "lr", "world_size")
-    return [dict({k: winner[k] for k in keys}, phase="final", seed=seed)
-            for _, winner in sorted(chosen.items()) for seed in seeds]
+def final_cells(chosen: dict[tuple, dict], seeds, budget: Budget) -> list[dict]:
+    """Every winner again with fresh seeds, on both budgets, on the reported sets."""
+    return [dict(phase="final", row=w["row"], batch=w["batch"], axis=axis, steps=budget.steps_for(axis, w["batch"]),
+                 optimizer=w["optimizer"], lr=w["lr"], seed=seed, world_size=w["world_size"])
+            for _, w in sorted(chosen.items()) for axis in budget.axes(w["batch"]) for seed in seeds]
 
 
 def run_sweeps(rows: list[str], batches, budget: Budget, args, cache: CellCache) -> list[dict]:
@@ -437,7 +440,7 @@ def main() -> None:
     parser.add_argument("--batches", default="", help="comma-separated global batch sizes")
     parser.add_argument("--rows", default="", help=f"comma-separated rows (default: all; quick: {', '.join(QUICK_ROWS)})")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=6000, help="N: optimizer steps of the same-steps budget")
+    parser.add_argument("--steps", type=int, default=5000, help="N: optimizer steps of the same-steps budget")
     parser.add_argument("--reference-batch", type=int, default=0,
                         help="same-samples budget: N x this many samples (default: the smallest batch)")
     parser.add_argument("--rerender", action="store_true", help="rewrite results.md and the plots from results.json")
@@ -458,7 +461,7 @@ def main() -> None:
 
     sweep = run_sweeps(rows, batches, budget, args, cache)
     chosen = {key: winner for key, winner in winners(sweep).items() if key[0] in rows}
-    final = run_cells(__file__, final_cells(chosen, seeds), args, "objectives", cache, cell_cost)
+    final = run_cells(__file__, final_cells(chosen, seeds, budget), args, "objectives", cache, cell_cost)
     results = sweep + final
     write_results(folder, results, "", world_size=2, budget=vars(budget), batches=batches, seeds=seeds)
     print(report(results, folder, budget, seeds, json.loads((folder / "results.json").read_text())["machine"]))

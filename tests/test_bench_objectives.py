@@ -43,33 +43,36 @@ def test_sweep_extends_past_an_edge_until_the_winner_is_inside():
     assert "at the low edge" in objectives.sweep_table(low)
 
 
-def test_paper_row_sweeps_both_optimisers_on_each_budget_and_variants_inherit_the_winner():
+def test_paper_row_sweeps_both_optimisers_on_the_shorter_budget_and_variants_inherit_the_winner():
     stage1 = objectives.sweep_cells(["cliplite-paper"], [16, 64], BUDGET)
     assert {(c["batch"], c["axis"], c["steps"], c["optimizer"]) for c in stage1} == {
-        (b, axis, steps, o) for b, axis, steps in ((16, "both", 100), (64, "steps", 100), (64, "samples", 25))
+        (b, axis, steps, o) for b, axis, steps in ((16, "both", 100), (64, "samples", 25))
         for o in ("adamw", "sgd-lookahead")}
     assert [c["lr"] for c in stage1 if c["optimizer"] == "sgd-lookahead" and c["batch"] == 16] == [0.01, 0.03, 0.1]
-    rows = _scored(stage1, lambda c: (c["optimizer"] == "sgd-lookahead") == (c["axis"] == "steps")
+    rows = _scored(stage1, lambda c: (c["optimizer"] == "sgd-lookahead") == (c["batch"] == 16)
                    and c["lr"] in (0.03, 3e-4))
     chosen = objectives.winners(rows)
-    assert {axis: chosen[("cliplite-paper", 64, axis)]["optimizer"] for axis in ("steps", "samples")} == \
-        {"steps": "sgd-lookahead", "samples": "adamw"}
-    stage2 = objectives.sweep_cells(["cliplite-layer", "cliplite-cross_rank"], [64], BUDGET, chosen)
-    assert {(c["row"], c["axis"], c["optimizer"]) for c in stage2} == {
-        (r, axis, o) for r in ("cliplite-layer", "cliplite-cross_rank")
-        for axis, o in (("steps", "sgd-lookahead"), ("samples", "adamw"))}
+    assert (chosen[("cliplite-paper", 16, "both")]["optimizer"], chosen[("cliplite-paper", 64, "samples")]["optimizer"]) \
+        == ("sgd-lookahead", "adamw")
+    stage2 = objectives.sweep_cells(["cliplite-layer", "cliplite-cross_rank"], [16, 64], BUDGET, chosen)
+    assert {(c["row"], c["batch"], c["optimizer"]) for c in stage2} == {
+        (r, b, o) for r in ("cliplite-layer", "cliplite-cross_rank") for b, o in ((16, "sgd-lookahead"), (64, "adamw"))}
     assert {c["world_size"] for c in stage2 if c["row"] == "cliplite-cross_rank"} == {2}
 
 
-def test_finals_use_fresh_seeds_on_both_budgets():
+def test_finals_use_fresh_seeds_on_both_budgets_with_the_sweeps_winner():
     rows = _scored(objectives.sweep_cells(["infonce"], [16, 64, 256], BUDGET),
-                   lambda c: -abs(c["lr"] - (1e-4 if c["axis"] == "samples" else 3e-4)))
-    finals = objectives.final_cells(objectives.winners(rows), [1, 2, 3])
+                   lambda c: -abs(c["lr"] - (3e-4 if c["batch"] == 16 else 1e-4)))
+    assert {(c["batch"], c["axis"], c["steps"]) for c in rows} == {(16, "both", 100), (64, "samples", 25),
+                                                                   (256, "samples", 6)}
+    finals = objectives.final_cells(objectives.winners(rows), [1, 2, 3], BUDGET)
     by_axis = {(c["batch"], c["axis"]): (c["steps"], c["lr"]) for c in finals}
-    assert by_axis == {(16, "both"): (100, 3e-4), (64, "steps"): (100, 3e-4), (64, "samples"): (25, 1e-4),
-                       (256, "steps"): (100, 3e-4), (256, "samples"): (6, 1e-4)}
+    assert by_axis == {(16, "both"): (100, 3e-4), (64, "steps"): (100, 1e-4), (64, "samples"): (25, 1e-4),
+                       (256, "steps"): (100, 1e-4), (256, "samples"): (6, 1e-4)}
     assert {c["seed"] for c in finals} == {1, 2, 3} and {c["phase"] for c in finals} == {"final"}
     assert len(finals) == 5 * 3 and "val_score" not in finals[0]
+    # with the largest batch as the reference, the smaller batch sweeps on the same-steps budget
+    assert objectives.Budget(steps=100, reference_batch=64).sweep_axis(16) == "steps"
 
 
 def test_plateau_gain_reads_the_last_quarter():
