@@ -75,11 +75,13 @@ def test_finals_use_fresh_seeds_on_both_budgets_with_the_sweeps_winner():
     assert objectives.Budget(steps=100, reference_batch=64).sweep_axis(16) == "steps"
 
 
-def test_plateau_gain_reads_the_last_quarter():
-    curve = [{"step": s, "val_R@1": v} for s, v in ((25, 0.1), (50, 0.2), (75, 0.40), (100, 0.41))]
-    assert objectives.plateau_gain(curve) == pytest.approx(0.025)
-    curve[-1]["val_R@1"] = 0.5
-    assert objectives.plateau_gain(curve) == pytest.approx(0.25)
+def test_plateau_gain_reads_a_line_through_the_second_half():
+    flat = [{"step": s, "val_R@1": v} for s, v in ((25, 0.1), (50, 0.40), (75, 0.41), (100, 0.40))]
+    assert objectives.plateau_gain(flat) == 0.0  # the rise of the first half does not count
+    rising = [{"step": s, "val_R@1": 0.002 * s} for s in (25, 50, 75, 100)]
+    assert objectives.plateau_gain(rising) == pytest.approx(0.05 / 0.15)
+    noisy = [{"step": s, "val_R@1": v} for s, v in ((50, 0.40), (62, 0.44), (75, 0.38), (88, 0.43), (100, 0.40))]
+    assert abs(objectives.plateau_gain(noisy)) < 0.05  # one high point does not make a rise
 
 
 def test_intervals_and_verdicts():

@@ -368,6 +368,13 @@ def _split_complete(out: pathlib.Path, split: str, num_samples: int) -> bool:
     return sum(counts.values()) == num_samples and all((out / n).exists() for n in counts)
 
 
+def ensure_split(out_dir, num_samples: int, *, split: str, shard_size: int, image_size: int, seed: int) -> None:
+    """`write_corpus` unless `out_dir` already holds the `num_samples` of this split."""
+    out = pathlib.Path(out_dir)
+    if not _split_complete(out, split, num_samples):
+        write_corpus(out, num_samples, split=split, shard_size=shard_size, image_size=image_size, seed=seed)
+
+
 def ensure_corpus(cfg) -> None:
     """Write the recipe's synthetic corpus (a `SyntheticConfig`) unless it is already complete:
     `{dir}/train/` and `{dir}/heldout/` (each split a directory of shards) and, when
@@ -377,10 +384,8 @@ def ensure_corpus(cfg) -> None:
     if cfg.train_samples <= 0:
         return
     for split, field in SYNTHETIC_SPLITS:
-        num_samples = getattr(cfg, field)
-        out = pathlib.Path(cfg.dir) / split
-        if num_samples > 0 and not _split_complete(out, split, num_samples):
-            write_corpus(out, num_samples, split=split, shard_size=cfg.shard_size,
+        if getattr(cfg, field) > 0:
+            ensure_split(pathlib.Path(cfg.dir) / split, getattr(cfg, field), split=split, shard_size=cfg.shard_size,
                          image_size=cfg.image_size, seed=cfg.seed)
     classes = pathlib.Path(cfg.dir) / "classes"
     for split, num_samples in (("test", cfg.classes_test_samples), ("train", cfg.classes_train_samples)):
