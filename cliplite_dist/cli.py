@@ -47,23 +47,31 @@ def synth_main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.samples} samples in {len(paths)} shard(s) under {args.out}")
 
 
-def submit_main(argv: list[str] | None = None) -> None:
+def submit_parser() -> argparse.ArgumentParser:
     from dataclasses import fields
 
-    from cliplite_dist.launch.submit import SlurmOptions, dry_run_script, follow, output_root, parse_sweep, \
-        submit, sweep_points, validate_options
+    from cliplite_dist.launch.submit import SlurmOptions
 
     parser = argparse.ArgumentParser(
         prog="cliplite-submit",
         description="Validate a recipe and submit it to SLURM through submitit: one task per GPU, "
                     "requeue with automatic resume on time limit or preemption, sweeps as job arrays.")
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("recipe", help="a recipe YAML (see recipes/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="section.key=value overrides of the recipe, each value read as YAML")
     defaults = SlurmOptions()
-    helps = {"time": "time limit (minutes, HH:MM:SS, D-HH:MM:SS)", "mem": "memory per node, e.g. 256G",
+    helps = {"nodes": "nodes per job", "gpus_per_node": "GPUs per node (one task each)",
+             "tasks_per_node": "tasks per node (default: one per GPU; 1 without GPUs)",
+             "cpus_per_task": "CPUs per task (default: data.workers + 1, the loader's workers and the trainer)",
+             "partition": "SLURM partition", "account": "SLURM account to charge", "qos": "SLURM quality of service",
+             "time": "time limit (minutes, HH:MM:SS, D-HH:MM:SS)",
+             "constraint": "node features to require (sbatch --constraint)",
+             "exclude": "nodes to leave out (sbatch --exclude)",
+             "mem": "memory per node, e.g. 256G (default: the partition's); a rank holds its model, optimizer "
+                    "state and evaluation sets, its loader workers their batch buffers in /dev/shm",
              "signal_delay": "seconds before the limit at which USR2 asks the job to checkpoint",
              "max_requeues": "how often a stopped job requeues itself",
-             "tasks_per_node": "tasks per node (default: one per GPU; 1 without GPUs)"}
+             "job_name": "SLURM job name (default: run.name)"}
     for f in fields(SlurmOptions):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                             default=getattr(defaults, f.name), help=helps.get(f.name))
@@ -72,6 +80,16 @@ def submit_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     parser.add_argument("--local", action="store_true", help="run the same job here through submitit's local executor")
     parser.add_argument("--wait", action="store_true", help="follow the log until the job ends; exit with its status")
+    return parser
+
+
+def submit_main(argv: list[str] | None = None) -> None:
+    from dataclasses import fields
+
+    from cliplite_dist.launch.submit import SlurmOptions, dry_run_script, follow, output_root, parse_sweep, \
+        submit, sweep_points, validate_options
+
+    parser = submit_parser()
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after options
     opts = SlurmOptions(**{f.name: getattr(args, f.name) for f in fields(SlurmOptions)})
     try:

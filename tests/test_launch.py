@@ -1,5 +1,6 @@
 import pytest
 
+from cliplite_dist.cli import submit_parser
 from cliplite_dist.config import ConfigError
 from cliplite_dist.distributed import DistEnv
 from cliplite_dist.launch.submit import (SlurmOptions, dry_run_script, parse_sweep, slurm_parameters, sweep_points,
@@ -47,6 +48,26 @@ def test_dry_run_is_the_sbatch_script_for_four_nodes_of_eight_gpus(tmp_path):
                  "#SBATCH --open-mode=append", "srun --unbuffered"):
         assert line in script, (line, script)
     assert not (tmp_path / "slurm").exists() or not any((tmp_path / "slurm").iterdir())
+
+
+def test_dry_run_needs_no_slurm_tools_and_every_option_has_help(tmp_path):
+    """`cliplite-submit --dry-run` on a machine without SLURM's client tools (a laptop, a CI runner):
+    PATH holds the Python environment alone, no srun/sbatch."""
+    import sys
+    from pathlib import Path
+
+    from runkit import run
+
+    submit = Path(sys.executable).parent / "cliplite-submit"
+    path = str(Path(sys.executable).parent)
+    proc = run([str(submit), RECIPE, "--nodes", "2", "--gpus-per-node", "8", "--time", "60", "--dry-run",
+                f"run.output_dir={tmp_path}"], PATH=path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "#SBATCH --nodes=2" in proc.stdout and "srun --unbuffered" in proc.stdout
+    assert "--mem" in run([str(submit), "--help"], PATH=path).stdout
+    options = [a for a in submit_parser()._actions if a.option_strings and a.dest != "help"]
+    assert {"dry_run", "mem", "sweep", "local", "wait"} <= {a.dest for a in options} and len(options) >= 18
+    assert [a.option_strings[0] for a in options if not a.help] == []
 
 
 def test_sweep_is_a_product_of_axes_with_one_run_directory_each(tmp_path):

@@ -101,8 +101,22 @@ def output_root(cfg: Config) -> Path:
     return cfg.run_dir.parent.resolve()
 
 
-def make_executor(opts: SlurmOptions, cfg: Config, local: bool) -> submitit.Executor:
-    """The executor for runs like `cfg`; job logs go to OUTPUT_DIR/slurm/."""
+class ScriptOnlyExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor that only writes the sbatch script: it does not look for SLURM's
+    client tools (submitit's own refuses to start without `srun`), so a dry run works on a laptop
+    or a CI runner, and it cannot submit."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+    def _internal_process_submissions(self, delayed_submissions):
+        raise RuntimeError("a script-only executor submits nothing")
+
+
+def make_executor(opts: SlurmOptions, cfg: Config, local: bool, script_only: bool = False) -> submitit.Executor:
+    """The executor for runs like `cfg`; job logs go to OUTPUT_DIR/slurm/. `script_only`: for
+    writing the sbatch script, also where SLURM is not installed."""
     folder = output_root(cfg) / "slurm"
     if local:
         if opts.nodes != 1:
@@ -111,7 +125,8 @@ def make_executor(opts: SlurmOptions, cfg: Config, local: bool) -> submitit.Exec
         executor.update_parameters(tasks_per_node=opts.ntasks_per_node, timeout_min=time_minutes(opts.time),
                                    gpus_per_node=opts.gpus_per_node, signal_delay_s=opts.signal_delay)
         return executor
-    executor = submitit.SlurmExecutor(folder, max_num_timeout=opts.max_requeues)
+    executor_class = ScriptOnlyExecutor if script_only else submitit.SlurmExecutor
+    executor = executor_class(folder, max_num_timeout=opts.max_requeues)
     executor.update_parameters(**slurm_parameters(opts, cfg))
     return executor
 
@@ -146,8 +161,9 @@ def sweep_points(recipe: str, overrides: list[str], axes: list[tuple[str, list[s
 
 
 def dry_run_script(opts: SlurmOptions, cfg: Config, array_size: int = 0) -> str:
-    """The sbatch script that would be submitted (the same executor code path, nothing submitted)."""
-    executor = make_executor(opts, cfg, local=False)
+    """The sbatch script that would be submitted (the same executor code path, nothing submitted;
+    SLURM need not be installed)."""
+    executor = make_executor(opts, cfg, local=False, script_only=True)
     if array_size:
         executor.update_parameters(array_parallelism=array_size, map_count=array_size)
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
