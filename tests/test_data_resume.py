@@ -130,7 +130,7 @@ def test_a_rank_with_nothing_to_read_stops_both_ranks(tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - start < 300  # no collective left waiting for the default 30 min
     logs = {rank: (tmp_path / "t" / "logs" / f"train-rank{rank}.log").read_text() for rank in (0, 1)}
-    failed = [rank for rank, log in logs.items() if "gave no sample" in log]
+    failed = [rank for rank, log in logs.items() if "got no sample from" in log]
     assert len(failed) == 1, logs
     other = 1 - failed[0]
     assert f"rank {failed[0]} could not read its data" in logs[other]

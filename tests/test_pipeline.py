@@ -133,8 +133,24 @@ def test_a_corpus_of_only_bad_samples_fails_fast(tmp_path):
         tar.addfile(info, io.BytesIO(b"bad"))
     (tmp_path / "empty-00000.tar").write_bytes(b"")
     shards = [str(path), str(tmp_path / "gone.tar"), str(tmp_path / "empty-00000.tar")]
-    with pytest.raises(EmptyStreamError, match="3 shard.s. in a row .* gave no sample"):
+    with pytest.raises(EmptyStreamError, match="got no sample from 3 shard.s. in a row"):
         next(iter(stream(shards)))
+
+
+def test_nothing_readable_names_every_shard_and_what_was_wrong(tmp_path):
+    """A truncated, a zero-byte and a missing shard: the error lists each with its kind in words."""
+    (good,) = write_shards(tmp_path, 1, 4, prefix="cut")
+    data = open(good, "rb").read()
+    open(good, "wb").write(data[:700])  # cut inside the first member
+    (tmp_path / "empty-00000.tar").write_bytes(b"")
+    shards = [good, str(tmp_path / "gone.tar"), str(tmp_path / "empty-00000.tar")]
+    with pytest.raises(EmptyStreamError) as err:
+        next(iter(stream(shards)))
+    lines = str(err.value).splitlines()
+    assert any(good in line and "corrupt_shard" in line and "cut short or not a tar" in line for line in lines), lines
+    assert any("gone.tar" in line and "missing_shard x" in line and "does not exist" in line for line in lines), lines
+    assert any("empty-00000.tar" in line and "empty_shard x" in line and "zero bytes" in line for line in lines), lines
+    assert "Check data.train" in lines[-1]
 
 
 def test_caption_from_json_list_is_picked_per_sample(tmp_path):

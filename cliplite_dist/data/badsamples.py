@@ -12,13 +12,19 @@ from collections import Counter
 
 log = logging.getLogger(__name__)
 
-# A whole shard lost: it does not exist, its server did not answer (or its pipe: command failed),
-# it holds no sample, or it is cut short / not a tar (the samples before the damage are kept).
-SHARD_KINDS = ("missing_shard", "unreachable", "empty_shard", "corrupt_shard")
-# One sample lost: its image does not decode (or is absent), its caption is missing or empty, or
-# its caption is not UTF-8 / not valid JSON.
-SAMPLE_KINDS = ("image", "no_caption", "bad_caption")
-BAD_KINDS = SHARD_KINDS + SAMPLE_KINDS
+# What each kind of bad data means: a whole shard lost, or one sample lost.
+SHARD_KINDS = {
+    "missing_shard": "the shard does not exist",
+    "unreachable": "its server did not answer, or its pipe: command failed",
+    "empty_shard": "zero bytes, or no sample in it",
+    "corrupt_shard": "cut short or not a tar (the samples before the damage are kept)",
+}
+SAMPLE_KINDS = {
+    "image": "an image does not decode, or is absent",
+    "no_caption": "a caption is missing or empty",
+    "bad_caption": "a caption is not UTF-8, or not valid JSON",
+}
+BAD_KINDS = (*SHARD_KINDS, *SAMPLE_KINDS)
 _LOST_BEFORE_OPEN = ("missing_shard", "unreachable")  # shards that never got opened
 WORST_KEPT = 10  # shards per reader reported with each batch
 MIN_SAMPLES_TO_JUDGE = 100  # no fraction is judged on fewer samples ...
@@ -31,6 +37,7 @@ class BadDataCounter:
     def __init__(self, max_logged: int = 5):
         self.counts: Counter = Counter()
         self.by_shard: Counter = Counter()
+        self.kinds_by_shard: dict[str, Counter] = {}  # this reader's own, for its error messages
         self.good = 0
         self.shards_opened = 0
         self.max_logged = max_logged
@@ -41,8 +48,17 @@ class BadDataCounter:
             raise ValueError(f"unknown bad-data kind {kind!r}")
         self.counts[kind] += 1
         self.by_shard[url] += 1
+        self.kinds_by_shard.setdefault(url, Counter())[kind] += 1
         if self.counts[kind] <= self.max_logged:
             log.warning("skipping bad data (%s) at %s: %s", kind, where, exc)
+
+    def explain(self, url: str) -> str:
+        """What went wrong with one shard, kind by kind, in words."""
+        kinds = self.kinds_by_shard.get(url)
+        if not kinds:
+            return "no usable sample (nothing counted as bad)"
+        meaning = {**SHARD_KINDS, **SAMPLE_KINDS}
+        return "; ".join(f"{kind} x{n}: {meaning[kind]}" for kind, n in kinds.most_common())
 
     def snapshot(self) -> dict:
         """Plain data that rides along with a batch and is saved with checkpoints."""

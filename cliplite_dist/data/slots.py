@@ -77,7 +77,7 @@ class SlotReader:
     def _raw(self, start: SlotPosition) -> Iterator[tuple[dict, tuple[int, int, int]]]:
         """Samples from `start` on, each with the (pass, shard, sample) cursor just past it."""
         pass_index, shard_index, sample_index = start.pass_index, start.shard_index, start.sample_index
-        dry = 0  # shards in a row that gave this slot nothing
+        dry: list[str] = []  # shards in a row that gave this slot nothing
         while True:
             share = self.share(pass_index)
             while shard_index < len(share.urls):
@@ -87,13 +87,18 @@ class SlotReader:
                     if index >= sample_index and index % share.sample_stride == share.sample_offset:
                         got = True
                         yield sample, (pass_index, shard_index, index + 1)
-                dry = 0 if got or sample_index else dry + 1
-                if dry >= self.dry_limit(share):
-                    raise EmptyStreamError(
-                        f"slot {self.slot}: {dry} shard(s) in a row (last: {url!r}) gave no sample; "
-                        f"bad so far: {dict(self.counter.counts)}")
+                dry = [] if got or sample_index else dry + [url]
+                if len(dry) >= self.dry_limit(share):
+                    raise EmptyStreamError(self._nothing_readable(dry))
                 shard_index, sample_index = shard_index + 1, 0
             pass_index, shard_index = pass_index + 1, 0
+
+    def _nothing_readable(self, dry: list[str]) -> str:
+        """The error for a reader that gave up: every shard it tried and what was wrong with it."""
+        shards = "\n  ".join(f"{url}: {self.counter.explain(url)}" for url in dict.fromkeys(dry))
+        return (f"data reader {self.slot} of {self.num_slots} got no sample from {len(dry)} shard(s) in a row "
+                f"(bad so far: {dict(self.counter.counts)}):\n  {shards}\nCheck data.train and these shards "
+                f"(cliplite-prep stats rescans a directory).")
 
     def samples(self, start: SlotPosition = SlotPosition()) -> Iterator[tuple[dict, SlotPosition]]:
         """Shuffled samples from `start` on, each with the position that continues after it."""
