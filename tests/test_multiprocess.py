@@ -1,4 +1,4 @@
-"""2-process torchrun runs over gloo: ZeRO 0/2/3 in fp32 and bf16, both objectives, 3 shards read
+"""2-process torchrun runs over gloo: ZeRO 0-3 in fp32 and bf16, every objective, 3 shards read
 by 2 ranks x 2 workers (fewer shards than readers), and a signal to one rank stopping both."""
 import signal
 import subprocess
@@ -14,7 +14,8 @@ CASES = [
     (2, "fp32", "objective.negatives=cross_rank"),
     (2, "bf16", "objective.prior_weight=0.1"),
     (3, "fp32", "objective.name=infonce"),
-    (3, "bf16", "objective.negatives=hard"),
+    (3, "bf16", "objective.name=siglip"),
+    (1, "fp32", "objective.head_norm=sync_batch"),
 ]
 
 
