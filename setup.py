@@ -15,7 +15,7 @@ setup(
     packages=find_packages(include=["cliplite_dist", "cliplite_dist.*"]),
     package_data={"cliplite_dist": ["model_configs/*.json"]},
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.4",  # fused AdamW built over parameters still on the CPU (engine.build_optimizer)
         "torchvision",
         "open_clip_torch>=3.0",
         "deepspeed>=0.16",

@@ -32,12 +32,18 @@ Stages, measured on the same shards:
                   of a batch + normalise), timed on this machine's CPU at one thread: the reason CPU
                   runs resize in the workers instead (a GPU does it in well under a millisecond)
 
+With --device-rows (on a GPU) it measures the training device's share instead: a batch of 256
+whole images with their crop boxes (the per-GPU batch of the GPU recipes) copied from pinned
+memory to the GPU, and resized + normalised there by one batched resampling (what the trainer
+runs) against one interpolate per crop (the reference; the CPU's path).
+
 Shards hold synthetic caption scenes, written once into --cache-dir and reused: 64 px for
 tiny-vit (the tiny-cpu recipe), 256 px (img2dataset's default size) and 512 px for ViT-B-32
 (stored larger than its 224 px crop, as web corpora are), because decode cost grows with pixels.
 
     python benchmarks/data.py --machine-name NAME           # 2000 samples per size, 5 passes
     python benchmarks/data.py --quick --machine-name NAME   # 500 samples per size, 3 passes
+    python benchmarks/data.py --device-rows --machine-name h200   # the GPU's share (~1 min)
 """
 from __future__ import annotations
 
@@ -61,12 +67,12 @@ from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.data.tokens import BatchTokenizer
-from cliplite_dist.data.imagebatch import collate_images
+from cliplite_dist.data.imagebatch import RaggedImages, collate_images
 from cliplite_dist.data.transforms import (DeviceTransform, decode_pil, decode_torchvision, decode_uint8,
                                            uint8_train_transform)
 from cliplite_dist.models import Towers, build_towers
 from common import (add_common_args, entry_point, markdown_table, pyplot, results_folder, run_cells, save_figure,
-                    write_results)
+                    timed, write_results)
 
 SETS = (("tiny-vit", 64), ("ViT-B-32", 256), ("ViT-B-32", 512))  # (model, side of the stored JPEGs in px)
 SHARD_SIZE, FULL_SHARDS, QUICK_SHARDS = 500, 4, 1
@@ -365,6 +371,58 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+# ---- the training device's share, on a GPU -------------------------------------------------------
+DEVICE_BATCH, DEVICE_SETS, DEVICE_REPEATS = 256, (("ViT-B-32", 256), ("ViT-B-32", 512)), 20
+
+
+def device_batch(cache: Path, model: str, image_px: int, pin: bool = True) -> tuple[RaggedImages, T.Compose]:
+    """DEVICE_BATCH whole images with their crop boxes as a worker sends them (pinned, as the
+    loader's pinning thread leaves them), and the model's train transform."""
+    root = cache / f"{image_px}px-device"
+    ensure_corpus(SyntheticConfig(dir=str(root), train_samples=DEVICE_BATCH, shard_size=DEVICE_BATCH,
+                                  image_size=image_px))
+    images, _ = load_shards(tuple(str(path) for path in sorted((root / "train").glob("train-*.tar"))))
+    pil_transform = towers(model).train_transform
+    crop = uint8_train_transform(pil_transform, resize=False)
+    batch = collate_images([crop(decode_uint8(data)) for data in images])
+    return (batch.pin_memory() if pin else batch), pil_transform
+
+
+def device_rows(cache: Path, gpu: torch.device) -> list[dict]:
+    """ms per batch (median of DEVICE_REPEATS, synchronised) of each step the training device
+    takes with data.resize_on=device."""
+    rows = []
+    for model, image_px in DEVICE_SETS:
+        batch, pil_transform = device_batch(cache, model, image_px, pin=gpu.type == "cuda")
+        on_gpu = batch.to(gpu)
+        transform = DeviceTransform(pil_transform, gpu, torch.bfloat16)
+        steps = {"copy to the GPU (pinned)": lambda: batch.to(gpu, non_blocking=True),
+                 "resize + normalise, batched (the trainer's)": lambda: transform(on_gpu),
+                 "resize, batched": lambda: transform.resize(on_gpu),
+                 "resize, one interpolate per crop": lambda: transform.resize_each(on_gpu)}
+        for step, run in steps.items():
+            seconds = timed(run, DEVICE_REPEATS)
+            rows.append({"model": model, "image_px": image_px, "batch": DEVICE_BATCH, "step": step,
+                         "ms_per_batch": round(1000 * seconds, 3), "samples_per_s": round(DEVICE_BATCH / seconds)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def write_device_rows(args: argparse.Namespace) -> None:
+    rows = device_rows(Path(args.cache_dir), torch.device("cuda"))
+    gpu = torch.cuda.get_device_name()
+    table = markdown_table(["model", "image px", "batch", "step", "ms per batch", "samples/s"],
+                           [[r["model"], r["image_px"], r["batch"], r["step"], f"{r['ms_per_batch']:.2f}",
+                             f"{r['samples_per_s']:,}"] for r in rows])
+    intro = (f"The training device's share with data.resize_on=device on one {gpu}: whole images and crop "
+             f"boxes (open_clip's, scale 0.9-1) of {DEVICE_BATCH} images; medians of {DEVICE_REPEATS} "
+             "synchronised runs. Resized to 224 px, normalised to bf16.")
+    folder = results_folder("data", args.machine_name, args.results_dir)
+    write_results(folder, rows, f"{intro}\n\n{table}\n", device_rows=True, batch_size=DEVICE_BATCH)
+    print(table)
+    print(f"written to {folder}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,7 +430,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="/tmp/cliplite-bench-data",
                         help="where the benchmark shards are written once and reused "
                              "(a shared filesystem with --slurm)")
+    parser.add_argument("--device-rows", action="store_true", help="only the GPU's share (needs a GPU)")
     args = parser.parse_args()
+    if args.device_rows:
+        write_device_rows(args)
+        return
     rows = add_ceiling(run_cells(__file__, build_cells(args), args, "data"))
     markdown = render_markdown(rows)
     folder = results_folder("data", args.machine_name, args.results_dir)

@@ -9,7 +9,7 @@ step times is taken per round; its median and a bootstrap 95% interval say wheth
 as fast as InfoNCE. Writes `benchmarks/results/step_breakdown/<machine>/`.
 
     python benchmarks/step_breakdown.py                       # tiny-vit, batch 64, CPU
-    python benchmarks/step_breakdown.py --model ViT-B-32 --batch 256
+    python benchmarks/step_breakdown.py --model ViT-B-32 --batch 256   # on a GPU: bf16 (engine.precision=auto)
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import time
 
 from cliplite_dist.config import Config
 from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
-from common import engine_step, loss_seconds, markdown_table, results_folder, sync, write_results
+from cliplite_dist.engine import resolve_precision
+from common import RESULTS, engine_step, loss_seconds, markdown_table, results_folder, sync, write_results
 
 OBJECTIVES = ("cliplite", "infonce")
 WARMUP_ROUNDS = 3
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-vit")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=60, help="steps of each objective, alternating")
+    parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--machine-name", default=None, help="results folder name (default: host)")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where results/step_breakdown/<machine>/ goes")
     args = parser.parse_args()
 
     env = DistEnv.from_environ()
@@ -65,10 +68,13 @@ def main() -> None:
     for name in OBJECTIVES:
         cfg = Config()
         cfg.model.name, cfg.objective.name, cfg.data.batch_size = args.model, name, args.batch
+        cfg.engine.zero_stage = args.zero_stage
         cfgs[name] = cfg
         steps[name], dims[name], _ = engine_step(cfg, device)
     times = interleaved_step_seconds(steps, args.rounds)
+    precision = resolve_precision(cfgs["infonce"].engine, device)
     rows = [{"objective": name, "model": args.model, "batch": args.batch, "rounds": args.rounds,
+             "device": device.type, "precision": precision, "zero_stage": args.zero_stage,
              "step_ms": 1000 * statistics.median(times[name]),
              "step_samples_per_s": args.batch / statistics.median(times[name]),
              "loss_fwd_bwd_ms": 1000 * loss_seconds(cfgs[name].objective, args.batch, dims[name], device,
@@ -78,13 +84,14 @@ def main() -> None:
     ratio, low, high = median_ratio_interval([i / c for c, i in zip(times["cliplite"], times["infonce"])])
     for row in rows:
         print(json.dumps(row))
-    table = markdown_table(["objective", "model", "batch", "loss fwd+bwd (ms)", "step (ms, median)",
-                            "full step (samples/s)"],
-                           [[r["objective"], r["model"], r["batch"], f"{r['loss_fwd_bwd_ms']:.3f}",
-                             f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}"] for r in rows])
+    table = markdown_table(["objective", "model", "batch", "device", "precision", "ZeRO", "loss fwd+bwd (ms)",
+                            "step (ms, median)", "full step (samples/s)"],
+                           [[r["objective"], r["model"], r["batch"], r["device"], r["precision"], r["zero_stage"],
+                             f"{r['loss_fwd_bwd_ms']:.3f}", f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}"]
+                            for r in rows])
     summary = (f"CLIP-Lite ÷ InfoNCE samples/s, per round of one step each ({args.rounds} rounds, "
                f"alternating order): median {ratio:.3f}, bootstrap 95% interval [{low:.3f}, {high:.3f}]")
-    write_results(results_folder("step_breakdown", args.machine_name), rows, f"{table}\n\n{summary}\n",
+    write_results(results_folder("step_breakdown", args.machine_name, args.results_dir), rows, f"{table}\n\n{summary}\n",
                   cliplite_over_infonce=round(ratio, 4), interval_95=[round(low, 4), round(high, 4)])
     print(table)
     print(summary)

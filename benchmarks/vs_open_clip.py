@@ -9,12 +9,16 @@ window average `Batch (t)` of their log. A pair is (ours with InfoNCE, theirs); 
 is the median over pairs, with CLIP-Lite beside it.
 
 open_clip_train 3.x needs webdataset <= 0.2.86 (it breaks on newer ones) and pandas; both go
-into `benchmarks/.open_clip_deps` (`pip install --target`, from the registry or `--wheels DIR`)
-and onto open_clip's PYTHONPATH only, so our own process keeps its webdataset. On CPU it runs
-as one process (its DDP wrapper passes a CPU device id), so the comparison is one process.
+into `benchmarks/.open_clip_deps` (`pip install --target`, from the registry, or offline every
+wheel in `--wheels DIR`: webdataset's at least, pandas' where this Python lacks it) and onto
+open_clip's PYTHONPATH only, so our own process keeps its webdataset. On CPU it runs as one
+process (its DDP wrapper passes a CPU device id), so the comparison is one process; on a GPU,
+one GPU. The shards are split evenly between the loader workers, whole batches each, so
+neither trainer's epoch ends early on a worker that ran out.
 
     python benchmarks/vs_open_clip.py --machine-name cpu-2core-dev          # fp32, 5 pairs (~25 min here)
-    python benchmarks/vs_open_clip.py --precision bf16 --machine-name h100  # GPU: amp_bf16 for theirs
+    python benchmarks/vs_open_clip.py --precision bf16 --model ViT-B-32 --batch 256 --steps 40 \
+        --workers 8 --machine-name h200                                     # GPU: amp_bf16 for theirs
 """
 from __future__ import annotations
 
@@ -44,9 +48,9 @@ _WINDOW = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([0-9.]+)
 def ensure_open_clip_deps(wheels: str | None) -> None:
     if (OPEN_CLIP_DEPS / "webdataset-0.2.86.dist-info").exists():
         return
-    source = ["--no-index", "--find-links", wheels] if wheels else []
+    packages = ["--no-index", *map(str, sorted(Path(wheels).glob("*.whl")))] if wheels else OPEN_CLIP_PINS
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(OPEN_CLIP_DEPS),
-                    *source, *OPEN_CLIP_PINS], check=True)
+                    *packages], check=True)
 
 
 def steady(rates: list[float]) -> float:
@@ -54,6 +58,14 @@ def steady(rates: list[float]) -> float:
     if len(rates) < 2:
         raise RuntimeError(f"need at least 2 logging windows, got {len(rates)}: run more steps")
     return statistics.median(rates[1:])
+
+
+def run_quietly(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
+    """Run a trainer with its output kept back, but for the end of it when it fails."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        print((proc.stdout + proc.stderr)[-4000:], file=sys.stderr, flush=True)
+        raise subprocess.CalledProcessError(proc.returncode, cmd[:4])
 
 
 def run_open_clip(shards: str, args, out: Path) -> float:
@@ -65,31 +77,35 @@ def run_open_clip(shards: str, args, out: Path) -> float:
            "--save-frequency", "0", "--logs", str(out), "--name", name, "--report-to", "",
            "--lr", "1e-3", "--wd", "0.05", "--warmup", "10", "--grad-clip-norm", "1.0", "--seed", "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(OPEN_CLIP_DEPS), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run(cmd, check=True, env=env, cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_quietly(cmd, out, env)
     log = (out / name / "out.log").read_text()
     return steady([args.batch / float(batch_s) for _, batch_s in _WINDOW.findall(log)])
 
 
 def run_ours(objective: str, shards: str, args, out: Path) -> float:
     name = f"ours-{objective}-{time.time_ns()}"
-    cmd = [str(Path(sys.executable).parent / "cliplite-train"), str(REPO / "recipes" / "tiny-cpu.yaml"),
+    cmd = [sys.executable, "-m", "cliplite_dist", str(REPO / "recipes" / "tiny-cpu.yaml"),
            f"objective.name={objective}", f"model.name={args.model}", f"data.train={shards}",
            f"data.num_samples={args.batch * args.steps}", "data.eval=''", "data.eval_zeroshot=''",
            "data.synthetic.train_samples=0", "data.caption_key=txt", f"data.batch_size={args.batch}",
-           f"data.workers={args.workers}", f"engine.precision={args.precision}", "optim.lr=1e-3",
+           f"data.workers={args.workers}", f"engine.precision={args.precision}",
+           f"engine.zero_stage={args.zero_stage}", "optim.lr=1e-3",
            "optim.weight_decay=0.05", "optim.warmup_steps=10", "optim.grad_clip=1.0", f"train.steps={args.steps}",
            f"train.log_every={args.log_every}", "train.checkpoint_every=0", f"run.output_dir={out}",
            f"run.name={name}", "run.resume=never"]
-    subprocess.run(cmd, check=True, cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_quietly(cmd, out)
     metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out / name / "checkpoints", ignore_errors=True)  # the final checkpoint is not measured
     return steady([m["train/samples_per_s"] for m in metrics if "train/samples_per_s" in m])
 
 
-def write_shards(out: Path, samples: int) -> str:
+def write_shards(out: Path, samples: int, workers: int) -> str:
+    """Two shards per loader worker, so every worker of either trainer gets the same share (whole
+    batches when `samples` is a multiple of workers x batch)."""
     from cliplite_dist.data.synthetic import write_corpus
 
-    paths = write_corpus(out / "data", samples, split="train", shard_size=1000, image_size=64, seed=0)
+    shard_size = -(-samples // (2 * max(1, workers)))
+    paths = write_corpus(out / "data", samples, split="train", shard_size=shard_size, image_size=64, seed=0)
     return str(out / "data" / f"train-{{00000..{len(paths) - 1:05d}}}.tar")
 
 
@@ -102,7 +118,9 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--precision", choices=sorted(THEIR_PRECISION), default="fp32")
-    parser.add_argument("--wheels", default=None, help="offline: a folder with the wheels of OPEN_CLIP_PINS")
+    parser.add_argument("--zero-stage", type=int, default=0, help="ours: engine.zero_stage")
+    parser.add_argument("--wheels", default=None, help="offline: install every wheel in this folder instead of "
+                                                           "OPEN_CLIP_PINS (webdataset 0.2.86, and pandas if missing)")
     parser.add_argument("--out", default="/tmp/cliplite-bench-vs-open-clip")
     parser.add_argument("--machine-name", default=None)
     parser.add_argument("--results-dir", default=str(BENCH_DIR / "results"))
@@ -111,7 +129,7 @@ def main() -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    shards = write_shards(out, args.batch * args.steps)
+    shards = write_shards(out, args.batch * args.steps, args.workers)
 
     rows = []
     for pair in range(args.pairs):
@@ -125,7 +143,10 @@ def main() -> None:
                      "infonce_ratio": rates["ours-infonce"] / rates["open_clip_train"],
                      "cliplite_over_infonce": rates["ours-cliplite"] / rates["ours-infonce"]})
         print(json.dumps(rows[-1]), flush=True)
+        report(rows, args)  # after every pair: a run cut short keeps the pairs it finished
 
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
     median = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key != "pair"}
     table = markdown_table(
         ["pair", "open_clip_train samples/s", "ours InfoNCE samples/s", "ours CLIP-Lite samples/s",
@@ -136,11 +157,12 @@ def main() -> None:
         + [["**median**", f"{median['open_clip_train_samples_per_s']:.1f}", f"{median['ours-infonce_samples_per_s']:.1f}",
             f"{median['ours-cliplite_samples_per_s']:.1f}", f"**{median['infonce_ratio']:.3f}**",
             f"**{median['cliplite_over_infonce']:.3f}**"]])
-    setting = (f"{args.model}, batch {args.batch}, {args.precision}, {args.workers} worker(s), {args.steps} steps "
-               f"(log every {args.log_every}), 1 process, same shards")
+    setting = (f"{args.model}, batch {args.batch}, {args.precision} (ours: ZeRO {args.zero_stage}), {args.workers} "
+               f"worker(s), {args.steps} steps (log every {args.log_every}), 1 process, same shards; "
+               f"{len(rows)} of {args.pairs} pairs")
     folder = results_folder("vs_open_clip", args.machine_name, args.results_dir)
     write_results(folder, rows, f"{setting}\n\n{table}", setting=vars(args), median=median)
-    print(table)
+    print(table, flush=True)
 
 
 if __name__ == "__main__":

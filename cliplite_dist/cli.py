@@ -163,6 +163,7 @@ def eval_main(argv: list[str] | None = None) -> None:
                         help="two splits of a CLIP_benchmark classification or multilabel set, e.g. DIR/train DIR/test")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-images", type=int, default=0, help="per set; 0: all")
+    parser.add_argument("--device", default="cpu", help="where the model embeds: cpu, cuda or cuda:N")
     parser.add_argument("--json", metavar="FILE", help="where to write the results (default: TARGET/eval.json)")
     args = parser.parse_args(argv)
     if not (args.retrieval or args.zeroshot or args.linear_probe):
@@ -174,7 +175,8 @@ def eval_main(argv: list[str] | None = None) -> None:
 
     try:
         results = evaluate(args.target, args.retrieval, args.zeroshot,
-                           tuple(args.linear_probe) if args.linear_probe else None, args.batch_size, args.max_images)
+                           tuple(args.linear_probe) if args.linear_probe else None, args.batch_size, args.max_images,
+                           args.device)
     except (FileNotFoundError, ValueError) as exc:
         parser.exit(1, f"cliplite-eval: error: {exc}\n")
     print(render(results))

@@ -172,3 +172,12 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 1800) 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s), rank=env.rank,
                                world_size=env.world_size)
+
+
+def host_group() -> torch.distributed.ProcessGroup | None:
+    """A group of all ranks whose collectives take CPU tensors (gloo), for flags the hosts agree
+    on without waiting for their GPUs; None (the default group) where that is gloo already.
+    Every rank must call it, in the same order as other group creations."""
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo")

@@ -12,21 +12,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cliplite_dist.config import Config, EngineConfig, OptimConfig
+from cliplite_dist.config import Config, EngineConfig, OptimConfig, check_bf16_accumulation
 from cliplite_dist.lookahead import Lookahead
 
 PARTS = ("image", "text", "critic")
 
 
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs whose tensor cores compute in bf16
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """A GPU that computes in bf16 itself. `torch.cuda.is_bf16_supported()` also says yes on
+    older GPUs (V100, T4) that only emulate it, many times slower than their fp16."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+
+
 def resolve_precision(cfg: EngineConfig, device: torch.device) -> str:
-    """bf16 on GPUs that have it, fp32 on CPU, unless the recipe says otherwise."""
+    """bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU, unless the recipe says
+    otherwise."""
     if cfg.precision != "auto":
         if cfg.precision == "fp16" and device.type != "cuda":
             raise ValueError("engine.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
         return cfg.precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if has_native_bf16(device) else "fp16"
 
 
 def _part_of(name: str) -> str:
@@ -84,21 +94,32 @@ def set_lr(optimizer, factor: float) -> None:
 
 
 def deepspeed_config(cfg: Config, precision: str) -> dict:
+    """DeepSpeed's config for our run. Under every ZeRO stage DeepSpeed's bf16 keeps fp32 master
+    weights and optimizer state; what it keeps in bf16 by default is gradients on the wire and
+    between micro-batches, where open_clip's AMP keeps fp32, so here both are fp32 (the second
+    where DeepSpeed can: ZeRO 1-3; `check_bf16_accumulation` refuses the rest)."""
     zero = {"stage": cfg.engine.zero_stage}
     if cfg.engine.zero_stage == 3:
         # gather full parameters for saving so checkpoints hold consolidated 16-bit weights too
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 needs no loss scale, so no overflow check (it read a flag back to the host every step)
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,  # our trainer logs
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        # a bf16 sum over 64 ranks keeps ~3 significant digits of each rank's gradient
+        ds["communication_data_type"] = "fp32"
+        if cfg.optim.grad_accum > 1:
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
 
 
 @dataclass
@@ -116,6 +137,7 @@ def build_engine(model: nn.Module, cfg: Config, device: torch.device) -> Engine:
     import deepspeed
 
     precision = resolve_precision(cfg.engine, device)
+    check_bf16_accumulation(cfg, precision)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, precision))

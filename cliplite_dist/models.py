@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cliplite_dist.config import ModelConfig, ObjectiveConfig
+from cliplite_dist.norms import keep_batchnorm_statistics_fp32
 from cliplite_dist.objectives import Objective, ObjectiveOutput, build_objective
 
 PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
@@ -112,7 +113,9 @@ class ContrastiveModel(nn.Module):
 def build_model(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig) -> tuple[ContrastiveModel, Towers]:
     towers = build_towers(model_cfg)
     objective = build_objective(objective_cfg, towers.embed_dim)
-    return ContrastiveModel(towers.model, objective), towers
+    model = ContrastiveModel(towers.model, objective)
+    keep_batchnorm_statistics_fp32(model)
+    return model, towers
 
 
 @torch.no_grad()

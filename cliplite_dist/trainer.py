@@ -30,7 +30,7 @@ from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.data.tokens import BatchTokenizer
 from cliplite_dist.data.transforms import DeviceTransform, decode_uint8, uint8_train_transform
-from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
+from cliplite_dist.distributed import DistEnv, host_group, init_distributed, pick_device
 from cliplite_dist.engine import build_engine, lr_factor, set_lr
 from cliplite_dist.evaluate import tasks
 from cliplite_dist.evaluate.embed import DistributedEmbedder
@@ -46,24 +46,39 @@ log = logging.getLogger("cliplite_dist")
 
 
 class StopFlag:
-    """Set from a signal handler (no collectives there); read collectively at step boundaries."""
+    """A stop signal and a data failure, agreed by all ranks at every micro-step.
+
+    The signal handler (no collectives there) only sets `requested`, and nothing else writes it:
+    the all-reduce reduces a copy, so a signal that arrives while it runs is kept for the next
+    one instead of being overwritten by its result (acting on a signal ends the run, so the flag
+    is never cleared). `signum` is the agreed signal: the largest any rank received.
+
+    Why every micro-step, on a CPU (gloo) group: a rank whose data fetch failed has no batch, so
+    the others must hear of it before the forward's first collective, or they wait there
+    forever; agreeing only every N steps would leave that rank stepping on without data. And an
+    all-reduce of a CUDA tensor read back by the host makes the host wait for the GPU to finish
+    every step already queued, every step: no kernels queued ahead. Over gloo the flag is a CPU
+    tensor; the host waits only for the other ranks' hosts (which run ahead of their GPUs), a
+    network round trip, never for a GPU.
+    """
 
     def __init__(self):
+        self.requested = 0  # written by the signal handler only
         self.signum = 0
+        self.group: dist.ProcessGroup | None = None  # None: the default group (gloo on CPU)
 
     def install(self) -> None:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        self.signum = signum
+        self.requested = signum
 
-    def agreed(self, device, failed: bool = False) -> tuple[bool, int]:
-        """(any rank signalled, 1 + the highest rank that `failed`, or 0), the same on every rank.
-        Afterwards `signum` is the signal on every rank (the largest, if ranks got different ones)."""
-        flag = torch.tensor([self.signum, dist.get_rank() + 1 if failed else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signum, failed_rank = (int(v) for v in flag.tolist())
+    def agreed(self, failed: bool = False) -> tuple[bool, int]:
+        """(any rank signalled, 1 + the highest rank that `failed`, or 0), the same on every rank."""
+        flag = torch.tensor([self.requested, dist.get_rank() + 1 if failed else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.signum, failed_rank = flag.tolist()
         return self.signum != 0, failed_rank
 
 
@@ -112,6 +127,7 @@ class Trainer:
         resolve = lambda: resolve_corpora(cfg.data.train, cfg.data.train_weights, cfg.data.connect_timeout_s)
         resolved = None if cfg.data.synthetic.train_samples else resolve()
         init_distributed(env, self.device)
+        self.stop.group = host_group()
         self.sync = rundir.start_sync(cfg, env, self.device)  # before the logs open: they continue the remote's
         setup_logging(self.run_dir, env.rank)
         if self.sync is not None:
@@ -320,7 +336,7 @@ class Trainer:
             fetch_start = time.perf_counter()
             fetched, failure = self._next(batches)
             data_wait += time.perf_counter() - fetch_start
-            signalled, failed_rank = self.stop.agreed(self.device, failure is not None)
+            signalled, failed_rank = self.stop.agreed(failure is not None)
             if failed_rank:
                 self._stop_on_data_error(step, epoch, failure, failed_rank, micro % accum == 0)
             if signalled and micro % accum == 0:  # only between optimizer steps
@@ -354,6 +370,8 @@ class Trainer:
                 extra = {"lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                          "samples_per_s": rate, "data_wait_frac": data_wait / elapsed, "epoch": epoch,
                          "bad": int(sum(data_metrics[f"data/bad_{k}"] for k in BAD_KINDS))}
+                if self.device.type == "cuda":  # the allocator's own count: no device sync
+                    extra["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 line = self.metrics.flush(step, extra, data_metrics)
                 eta = (total - step) * elapsed / window_steps
                 log.info("step %d/%d | %s | eta %s", step, total, line, _fmt_duration(eta))

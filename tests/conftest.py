@@ -3,7 +3,19 @@ import subprocess
 import tempfile
 
 import pytest
+import torch
 import torch.distributed as dist
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run wherever torch sees a CUDA GPU and skip, saying so, everywhere else."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU, and torch sees none here (on a GPU machine: "
+                                   "python benchmarks/gpu_check.py runs them)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -43,12 +43,24 @@ def tiny_overrides(corpus: Path, out: Path, **kw) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# console script -> its function in cliplite_dist.cli (setup.py's entry points)
+ENTRY_POINTS = {"cliplite-train": "train_main", "cliplite-export": "export_main", "cliplite-eval": "eval_main"}
+
+
+def console_command(name: str) -> list[str]:
+    """The installed console script: beside this interpreter (a venv not on PATH), else on PATH,
+    else (the package importable but not installed, as on a GPU machine that gets it on
+    PYTHONPATH) its entry-point function run by this interpreter."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found:
+        return [found]
+    return [sys.executable, "-c", f"import sys; from cliplite_dist.cli import {ENTRY_POINTS[name]} as main; "
+                                  f"sys.argv[0] = {name!r}; main()"]
+
+
 def train_command() -> list[str]:
-    """The installed console script: beside this interpreter (a venv not on PATH), else on PATH."""
-    beside = Path(sys.executable).parent / "cliplite-train"
-    found = str(beside) if beside.exists() else shutil.which("cliplite-train")
-    assert found, "cliplite-train is not installed: pip install -e ."
-    return [found]
+    return console_command("cliplite-train")
 
 
 def torchrun_command(nproc: int = 2) -> list[str]:

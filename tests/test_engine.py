@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 
-from cliplite_dist.config import Config, EngineConfig, ModelConfig, ObjectiveConfig, OptimConfig
-from cliplite_dist.engine import deepspeed_config, lr_factor, param_groups, resolve_precision, set_lr
+from cliplite_dist.config import Config, ConfigError, EngineConfig, ModelConfig, ObjectiveConfig, OptimConfig, \
+    load_config
+from cliplite_dist.engine import build_engine, deepspeed_config, lr_factor, param_groups, resolve_precision, set_lr
 from cliplite_dist.models import build_model
 
 
@@ -53,6 +56,55 @@ def test_deepspeed_config_follows_ours():
     assert ds["gradient_clipping"] == 2.0 and ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert "scheduler" not in ds  # our own schedule sets per-group rates
+    # bf16: gradients summed over ranks and over micro-batches in fp32; no per-step overflow read-back
+    assert ds["communication_data_type"] == "fp32" and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["bf16"]["check_grad_overflow"] is False
+    cfg.optim.grad_accum = 1
+    assert "data_types" not in deepspeed_config(cfg, "bf16")
+    assert "communication_data_type" not in deepspeed_config(cfg, "fp32")
+
+
+def test_bf16_accumulation_at_zero_0_is_refused_before_anything_starts():
+    with pytest.raises(ConfigError, match="engine.zero_stage >= 1"):
+        load_config(None, ["data.train=x", "engine.precision=bf16", "optim.grad_accum=2"])
+    load_config(None, ["data.train=x", "engine.precision=bf16", "optim.grad_accum=2", "engine.zero_stage=1"])
+    load_config(None, ["data.train=x", "engine.precision=fp32", "optim.grad_accum=2"])
+
+
+def test_precision_auto_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
+    """V100 and T4 (compute capability 7.x) report bf16 support but only emulate it."""
+    gpu = torch.device("cuda", 0)
+    for capability, expected in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_precision(EngineConfig(precision="auto"), gpu) == expected, capability
+    assert resolve_precision(EngineConfig(precision="bf16"), gpu) == "bf16"
+
+
+@pytest.mark.parametrize("zero,accum", [(0, 1), (1, 2), (2, 2), (3, 1)])
+def test_bf16_resnet_trains_with_fp32_master_weights_and_batchnorm_statistics(single_rank_group, zero, accum):
+    """A BatchNorm tower (and the critic's BatchNorm head) in bf16 under DeepSpeed: parameters
+    in bf16, running statistics kept fp32 and updated, the optimizer's master weights fp32,
+    micro-batches accumulated (in fp32 under ZeRO 1-3)."""
+    cfg = Config()
+    cfg.model.name, cfg.objective.name, cfg.data.batch_size, cfg.optim.warmup_steps = "tiny-resnet", "cliplite", 4, 0
+    cfg.engine.precision, cfg.engine.zero_stage, cfg.optim.grad_accum = "bf16", zero, accum
+    torch.manual_seed(0)
+    model, towers = build_model(cfg.model, cfg.objective)
+    engine = build_engine(model, cfg, torch.device("cpu")).engine
+    images = torch.randn(4, 3, 64, 64, dtype=torch.bfloat16)
+    tokens = towers.tokenizer(["a red circle", "a blue square", "two stars", "a green cross"])
+    losses = []
+    for _ in range(2 * accum):
+        out = engine(images, tokens)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in engine.basic_optimizer.state} == {torch.float32}  # the tensors it steps
+    norms = [m for m in engine.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) > 4 and all(m.running_mean.dtype == torch.float32 for m in norms)
+    assert all(int(m.num_batches_tracked) == 2 * accum and m.running_mean.abs().sum() > 0 for m in norms)
 
 
 def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu():

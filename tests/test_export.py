@@ -1,6 +1,5 @@
 """Export to open_clip's format and back: real runs, consolidated ZeRO shards, safetensors only."""
 import json
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -10,7 +9,7 @@ import cliplite_dist
 from cliplite_dist.config import load_config
 from cliplite_dist.export import export_run
 from cliplite_dist.models import build_model
-from runkit import RECIPE, metric_steps, run, tiny_overrides, torchrun_command, train_command
+from runkit import RECIPE, console_command, metric_steps, run, tiny_overrides, torchrun_command, train_command
 
 
 @pytest.mark.parametrize("objective", [["objective.name=cliplite", "objective.head=mlp"],
@@ -65,9 +64,9 @@ def test_two_rank_zero3_run_exports_and_evaluates_like_it_trained(tiny_corpus, t
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     run_dir = tmp_path / "t"
     trained = [m for m in metric_steps(run_dir) if "eval/i2t_R@1" in m][-1]
-    export = run([str(Path(train_command()[0]).parent / "cliplite-export"), str(run_dir), str(tmp_path / "out")])
+    export = run(console_command("cliplite-export") + [str(run_dir), str(tmp_path / "out")])
     assert export.returncode == 0, export.stderr
-    evaluated = run([str(Path(train_command()[0]).parent / "cliplite-eval"), str(tmp_path / "out"),
+    evaluated = run(console_command("cliplite-eval") + [str(tmp_path / "out"),
                      "--retrieval", str(tiny_corpus / "heldout"), "--zeroshot", str(tiny_corpus / "classes"),
                      "--linear-probe", str(tiny_corpus / "classes" / "train"), str(tiny_corpus / "classes" / "test"),
                      "--max-images", "64", "--json", str(tmp_path / "eval.json")])

@@ -422,11 +422,21 @@ def _objectives():
             CLIPLite(8, head="mlp", head_norm="sync_batch"), SigLIP()]
 
 
+def _bf16_parameters(module: nn.Module) -> nn.Module:
+    """A copy cast as DeepSpeed casts for bf16: parameters only, buffers (BatchNorm statistics) stay fp32."""
+    module = copy.deepcopy(module)
+    for param in module.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    return module
+
+
 def test_parameters_float32_and_bf16_inputs_give_float32_loss():
     for obj in _objectives():
         assert all(p.dtype == torch.float32 for p in obj.parameters())
         emb_i, emb_t = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
-        for module in (obj, copy.deepcopy(obj).to(torch.bfloat16)):  # fp32, then DeepSpeed-style bf16 params
+        bf16 = _bf16_parameters(obj)
+        evaluating = _bf16_parameters(obj).eval()  # running statistics in fp32 beside bf16 weights
+        for module in (obj, bf16, evaluating):
             out = module(emb_i, emb_t)
             assert out.loss.dtype == torch.float32 and out.loss.ndim == 0 and torch.isfinite(out.loss)
             out.loss.backward()

@@ -7,11 +7,13 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torchvision import transforms as T
 
 from cliplite_dist.config import ModelConfig
+from cliplite_dist.data import resample
 from cliplite_dist.data.synthetic import make_sample
 from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages, collate_images
 from cliplite_dist.data.transforms import DeviceTransform, crop_box, decode_pil, decode_uint8, uint8_train_transform
@@ -175,3 +177,26 @@ def test_a_device_resize_it_cannot_do_names_the_setting(tiny_train_transform):
     assert in_worker(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 3, 64, 64)
     with pytest.raises(ValueError, match="data.resize_on=worker"):  # crops it was not built for
         in_worker(collate_images([torch.zeros(3, 8, 9, dtype=torch.uint8), torch.zeros(3, 9, 8, dtype=torch.uint8)]))
+
+
+@pytest.mark.parametrize("mode,antialias", [("bicubic", True), ("bilinear", True), ("nearest", False)])
+def test_batched_resampling_equals_interpolate_per_crop(mode, antialias):
+    """The GPU's batched resize (two matrix products per image shape) against one interpolate per
+    crop: boxes shrunk and enlarged, of every aspect, in images of three shapes (three groups),
+    as float rounding allows."""
+    rng = random.Random(0)
+    images = []
+    for _ in range(24):
+        h, w = rng.choice([(64, 64), (72, 50), (30, 41)])
+        box_h, box_w = rng.randint(1, h), rng.randint(1, w)
+        box = (rng.randint(0, h - box_h), rng.randint(0, w - box_w), box_h, box_w)
+        images.append(BoxedImage(torch.randint(0, 256, (3, h, w), dtype=torch.uint8), box))
+    crops = collate_images(images)
+    got = resample.resize_crops(crops, (48, 56), mode)
+    want = torch.stack([F.interpolate(crop[None].float(), size=(48, 56), mode=mode, antialias=antialias)[0]
+                        for crop in crops.images()])
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    same_shape = collate_images(images[:1] * 3)  # one shape: the buffer itself, viewed
+    torch.testing.assert_close(resample.resize_crops(same_shape, (48, 56), mode), want[:1].expand(3, -1, -1, -1),
+                               atol=2e-3, rtol=0)
+    assert resample.batched(mode, antialias) and not resample.batched("bicubic", False)

@@ -11,9 +11,9 @@ interpolation and antialiasing); evaluation keeps open_clip's own PIL transforms
 
 Resizing the crop costs a worker about as much as decoding a 256 px JPEG. With
 `data.resize_on=device` (the default on CUDA) a worker only draws the box and sends it with the
-whole image (`imagebatch.BoxedImage`), and `DeviceTransform` cuts and resizes each crop on the
-training device, in float32 (clamped to [0, 255], not rounded: within 1.5 grey levels, 0.3 on
-average, of the worker's fixed-point uint8 resize).
+whole image (`imagebatch.BoxedImage`), and `DeviceTransform` resizes every box on the training
+device, in float32 (clamped to [0, 255], not rounded: within 1.5 grey levels, 0.3 on average, of
+the worker's fixed-point uint8 resize); on a GPU the whole batch at once (`resample`).
 
 `data.augment` (`augment.PRESETS`) may widen the crop and add a flip and colour jitter: the worker
 draws them with the box (`RandomResizedCropUint8.draw`), `DeviceTransform` applies them to the
@@ -34,6 +34,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
+from cliplite_dist.data import resample
 from cliplite_dist.data.augment import PRESETS, Augmented, BatchAugment, Preset, SampleAugment, with_augment
 from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages
 from cliplite_dist.data.jpeg import decode_jpeg
@@ -181,8 +182,18 @@ class DeviceTransform:
                              antialias=self.antialias)
 
     def resize(self, crops: RaggedImages) -> torch.Tensor:
-        """[B, C, H, W] float32 on the crops' device, in [0, 255]. One interpolate per crop: their
-        sizes differ, and padding them to one would change the antialiasing filter's support."""
+        """[B, C, H, W] float32 on the crops' device, in [0, 255]. On a GPU one batched
+        resampling (`resample.resize_crops`: a few launches instead of several per crop); on a
+        CPU, where launches are cheap and its two matrix products over whole images are not,
+        and for filters it does not reproduce, one interpolate per crop (`resize_each`)."""
+        mode = INTERPOLATE_MODES.get(self.interpolation)
+        if crops.pixels.device.type == "cuda" and resample.batched(mode, self.antialias):
+            return resample.resize_crops(crops, self.size, mode).clamp_(0, 255)
+        return self.resize_each(crops)
+
+    def resize_each(self, crops: RaggedImages) -> torch.Tensor:
+        """`resize` one crop at a time. Their sizes differ, and padding them to one would change
+        the antialiasing filter's support."""
         channels = crops.shapes[0][2] if len(crops) else 3
         out = torch.empty(len(crops), channels, *self.size, device=crops.pixels.device)
         for i, crop in enumerate(crops.images()):

@@ -12,12 +12,17 @@ import torch.distributed as dist
 
 
 class LocalEmbedder:
+    """Batches go to the model's device; embeddings come back to the CPU (as the distributed
+    embedder's do), where the metrics are computed."""
+
     def __init__(self, model, batch_size: int):
         self.model, self.batch_size = model, batch_size
+        self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def _run(self, fn, data: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(data[i:i + self.batch_size]).float() for i in range(0, len(data), self.batch_size)])
+        return torch.cat([fn(data[i:i + self.batch_size].to(self.device)).float().cpu()
+                          for i in range(0, len(data), self.batch_size)])
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
         return self._run(self.model.encode_image, images)

@@ -40,11 +40,14 @@ def linear_probe_eval(model, preprocess, train_split: str, test_split: str, batc
 
 
 def evaluate(target: str, retrieval: str | None = None, zeroshot: str | None = None,
-             probe: tuple[str, str] | None = None, batch_size: int = 256, max_images: int = 0) -> dict:
+             probe: tuple[str, str] | None = None, batch_size: int = 256, max_images: int = 0,
+             device: str = "cpu") -> dict:
+    """`device`: where the model embeds (cpu, cuda, cuda:N); in fp32, as exported."""
     with tempfile.TemporaryDirectory(prefix="cliplite-eval-") as workdir:
         model, preprocess, tokenizer = load_target(target, Path(workdir))
+        model.to(device)
         embedder = LocalEmbedder(model, batch_size)
-        results: dict = {"target": str(target)}
+        results: dict = {"target": str(target), "device": str(device)}
         if retrieval:
             results["retrieval"] = tasks.retrieval(
                 embedder, tasks.prepare_retrieval(retrieval, preprocess, tokenizer, max_images))
@@ -58,7 +61,7 @@ def evaluate(target: str, retrieval: str | None = None, zeroshot: str | None = N
 
 def render(results: dict) -> str:
     """A plain table: one line per metric."""
-    lines = [f"evaluation of {results['target']}"]
+    lines = [f"evaluation of {results['target']} on {results['device']}"]
     for section in ("retrieval", "zeroshot", "linear_probe"):
         for key, value in results.get(section, {}).items():
             if key == "sweep":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliplite_dist.config import CHOICES
+from cliplite_dist.norms import BatchNorm1dFp32Statistics
 from cliplite_dist.objectives.base import Objective, ObjectiveOutput, check_choice, check_pairs, normalize
 from cliplite_dist.objectives.gather import all_reduce_sum, from_previous_rank, world
 
@@ -29,13 +30,14 @@ PRIORS = CHOICES["objective.prior"]
 PAPER_TEMPERATURE = 1 / 0.07  # the reference code's initial critic multiplier (CLIP's too)
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
+class GlobalBatchNorm1d(BatchNorm1dFp32Statistics):
     """BatchNorm1d whose training statistics are those of the global batch (every rank's rows).
 
     torch's SyncBatchNorm does this on GPUs only; this one works over any process group (gloo
     too) with one differentiable all-reduce of the rows' sums, sums of squares and count, so W
     ranks compute exactly what one process computes on the concatenated batch. Evaluation uses
-    the running statistics, which are then the same on every rank.
+    the running statistics, which are then the same on every rank. Statistics stay fp32 under
+    bf16 parameters, as in every BatchNorm of ours (`norms`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 def _branch_norm(kind: str, width: int) -> nn.Module:
     check_choice("objective.head_norm", kind, HEAD_NORMS)
-    return {"batch": nn.BatchNorm1d, "sync_batch": GlobalBatchNorm1d, "layer": nn.LayerNorm}[kind](width)
+    return {"batch": BatchNorm1dFp32Statistics, "sync_batch": GlobalBatchNorm1d, "layer": nn.LayerNorm}[kind](width)
 
 
 class EncodeAndDotHead(nn.Module):

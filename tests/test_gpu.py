@@ -1,0 +1,201 @@
+"""The CUDA path, run for real: nccl, bf16 and fp16 under ZeRO 0-3 (BatchNorm towers too), the
+batched device resize against the worker's, the objectives, checkpoint + resume, export and
+evaluation on the GPU.
+
+Every test is marked `gpu`: where torch sees no GPU they skip with that reason (conftest.py);
+`python benchmarks/gpu_check.py` runs them on one. The engine cases need a process group on
+nccl, and the test session may already hold a gloo one (in-process DeepSpeed tests), so they
+run in a process of their own: this file run as a script, every case in one process (one
+start-up), results handed back as JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cliplite_dist.config import Config, ModelConfig, ObjectiveConfig
+from cliplite_dist.data.imagebatch import collate_images
+from cliplite_dist.data.synthetic import make_sample
+from cliplite_dist.data.transforms import DeviceTransform, decode_uint8, uint8_train_transform
+from cliplite_dist.models import build_towers
+from cliplite_dist.objectives import build_objective
+from runkit import RECIPE, clean_env, console_command, free_port, run, tiny_overrides, train_command
+
+pytestmark = pytest.mark.gpu
+
+# (model, precision, ZeRO stage, gradient accumulation); tiny-resnet: BatchNorm towers
+ENGINE_CASES = [(model, precision, zero, 1) for model in ("tiny-vit",) for precision in ("bf16", "fp16")
+                for zero in (0, 1, 2, 3)]
+ENGINE_CASES += [("tiny-vit", "bf16", 1, 2), ("tiny-vit", "bf16", 2, 2),  # fp32 gradient accumulation
+                 ("tiny-resnet", "bf16", 0, 1), ("tiny-resnet", "bf16", 2, 1), ("tiny-resnet", "fp16", 1, 1)]
+STEPS = 3
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def case_id(case: tuple) -> str:
+    model, precision, zero, accum = case
+    return f"{model}-{precision}-zero{zero}-accum{accum}"
+
+
+def engine_case(model_name: str, precision: str, zero: int, accum: int, device: torch.device) -> dict:
+    """STEPS optimizer steps of the cliplite model on one fixed batch; what the engine keeps."""
+    from cliplite_dist.engine import build_engine
+    from cliplite_dist.models import build_model
+
+    cfg = Config()
+    cfg.model.name, cfg.objective.name, cfg.data.batch_size = model_name, "cliplite", 8
+    cfg.engine.precision, cfg.engine.zero_stage, cfg.optim.grad_accum = precision, zero, accum
+    cfg.optim.warmup_steps = 0
+    torch.manual_seed(0)
+    model, towers = build_model(cfg.model, cfg.objective)
+    info = build_engine(model, cfg, device)
+    images = torch.randn(8, 3, 64, 64, device=device, dtype=info.input_dtype)
+    tokens = towers.tokenizer([f"a {c} circle left of a small square" for c in "abcdefgh"]).to(device)
+    losses = []
+    for _ in range(STEPS * accum):
+        out = info.engine(images, tokens)
+        info.engine.backward(out.loss)
+        info.engine.step()
+        losses.append(out.loss.item())
+    batchnorms = [m for m in info.engine.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    return {"losses": losses, "precision": info.precision,
+            "param_dtypes": sorted({str(p.dtype) for p in info.engine.module.parameters()}),
+            "master_dtypes": sorted({str(p.dtype) for p in info.engine.basic_optimizer.state}),  # what it steps
+            "batchnorm_stat_dtypes": sorted({str(m.running_mean.dtype) for m in batchnorms}),
+            "batchnorm_steps": sorted({int(m.num_batches_tracked) for m in batchnorms})}
+
+
+def engine_cases_main(out: str) -> None:
+    """Script mode: an nccl group of one rank, then every engine case; errors recorded per case."""
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = DistEnv.from_environ()
+    device = pick_device("cuda", env.local_rank)
+    init_distributed(env, device)
+    results = {"backend": dist.get_backend(), "world_size": dist.get_world_size(), "cases": {}}
+    for case in ENGINE_CASES:
+        try:
+            results["cases"][case_id(case)] = engine_case(*case, device)
+        except Exception:  # the others still run; the test of this case shows the traceback
+            results["cases"][case_id(case)] = {"error": traceback.format_exc()}
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("engines") / "results.json"
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=clean_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert out.exists(), (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_nccl_group_of_one_rank(engine_results):
+    assert engine_results["backend"] == "nccl" and engine_results["world_size"] == 1
+
+
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=case_id)
+def test_low_precision_steps_under_every_zero_stage(engine_results, case):
+    """Parameters in the training dtype, fp32 master weights in the optimizer, finite losses
+    that change from step to step on a repeated batch (bf16; fp16's first steps may be skipped
+    while its loss scale settles), BatchNorm statistics kept fp32 and updated."""
+    model, precision, _, accum = case
+    result = engine_results["cases"][case_id(case)]
+    assert "error" not in result, result.get("error")
+    assert result["precision"] == precision
+    assert result["param_dtypes"] == [str(LOW_PRECISION[precision])]
+    # the tensors the optimizer stepped (fp16 may have skipped every step while its loss scale settled)
+    assert result["master_dtypes"] == ["torch.float32"] or (precision == "fp16" and not result["master_dtypes"])
+    assert len(result["losses"]) == STEPS * accum and all(math.isfinite(v) for v in result["losses"])
+    if precision == "bf16":  # the same batch each step: a new loss means the weights moved
+        assert len(set(result["losses"][::accum])) == STEPS, result["losses"]
+    if model == "tiny-resnet":
+        assert result["batchnorm_stat_dtypes"] == ["torch.float32"]
+        assert result["batchnorm_steps"] == [STEPS * accum]
+
+
+@pytest.fixture(scope="module")
+def tiny_train_transform():
+    return build_towers(ModelConfig(name="tiny-vit")).train_transform
+
+
+def test_device_resize_on_cuda_matches_the_workers_and_the_per_image_path(tiny_train_transform):
+    """The same boxes resized in the worker (uint8) and on the GPU (one batched resampling):
+    within the worker's fixed-point rounding; and the batched GPU resize equals the per-image
+    one to float rounding. 96 px images, boxes shrunk and enlarged to 64 px."""
+    images = [decode_uint8(make_sample(0, "train", i, 96)["jpg"]) for i in range(32)]
+    worker = uint8_train_transform(tiny_train_transform)
+    unresized = uint8_train_transform(tiny_train_transform, resize=False)
+    random.seed(5)
+    resized = collate_images([worker(image) for image in images])
+    random.seed(5)
+    crops = collate_images([unresized(image) for image in images]).to(torch.device("cuda"))
+    device = DeviceTransform(tiny_train_transform, torch.device("cuda"), torch.float32)
+    on_device = device.resize(crops)
+    difference = (on_device.cpu() - resized.float()).abs()
+    assert difference.max() <= 1.5 and difference.mean() <= 0.3, (difference.max(), difference.mean())
+    torch.testing.assert_close(on_device, device.resize_each(crops), atol=1e-2, rtol=0)
+    assert device(crops).dtype == torch.float32 and device(crops).is_cuda
+
+
+@pytest.mark.parametrize("name", ["cliplite", "infonce"])
+def test_objectives_on_cuda_match_float64_on_cpu(name):
+    """Loss and gradients of the objective (CLIP-Lite: its BatchNorm critic heads in training
+    mode) on CUDA in fp32, against the same module in float64 on the CPU."""
+    torch.manual_seed(0)
+    reference = build_objective(ObjectiveConfig(name=name), 32).double()
+    on_gpu = build_objective(ObjectiveConfig(name=name), 32)
+    on_gpu.load_state_dict(reference.state_dict())
+    on_gpu.cuda()
+    image, text = torch.randn(16, 32, dtype=torch.float64), torch.randn(16, 32, dtype=torch.float64)
+    inputs = [x.clone().requires_grad_() for x in (image, text)]
+    gpu_inputs = [x.float().cuda().requires_grad_() for x in (image, text)]
+    want, got = reference(*inputs).loss, on_gpu(*gpu_inputs).loss
+    want.backward()
+    got.backward()
+    assert got.is_cuda and torch.isfinite(got)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)
+    for mine, theirs in zip(gpu_inputs, inputs):
+        torch.testing.assert_close(mine.grad.double().cpu(), theirs.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_checkpoint_resume_export_and_evaluate_on_cuda(tiny_corpus, tmp_path):
+    """The trainer on the GPU with its defaults there (bf16, crops resized on the device): a
+    checkpointed run, the same command resuming it, the export evaluated with --device cuda."""
+    def overrides(steps: int) -> list[str]:
+        return tiny_overrides(tiny_corpus, tmp_path, **{"train.steps": steps, "train.checkpoint_every": 2})
+
+    first = run(train_command() + [RECIPE] + overrides(4))
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert "device cuda:0, bf16" in first.stdout
+    second = run(train_command() + [RECIPE] + overrides(6))
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert f"resumed from {tmp_path / 't' / 'checkpoints' / 'step_00000004'} at step 4" in out
+    assert "step 6/6" in out and "peak_mem_gib" in out
+    export = run(console_command("cliplite-export") + [str(tmp_path / "t"), str(tmp_path / "out")])
+    assert export.returncode == 0, export.stderr[-3000:]
+    evaluated = run(console_command("cliplite-eval") + [
+        str(tmp_path / "out"), "--device", "cuda", "--retrieval", str(tiny_corpus / "heldout"),
+        "--zeroshot", str(tiny_corpus / "classes"), "--max-images", "64", "--json", str(tmp_path / "eval.json")])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["device"] == "cuda" and "on cuda" in evaluated.stdout
+    assert 0.0 <= results["retrieval"]["i2t_R@1"] <= 1.0 and 0.0 <= results["zeroshot"]["top1"] <= 1.0
+
+
+if __name__ == "__main__":
+    engine_cases_main(sys.argv[1])
