@@ -11,8 +11,10 @@ import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 _BRACKET = re.compile(r"\[([^\]]*)\]")
 
@@ -181,3 +183,26 @@ def host_group() -> torch.distributed.ProcessGroup | None:
     if torch.distributed.get_backend() == "gloo":
         return None
     return torch.distributed.new_group(backend="gloo")
+
+
+_UNSET = -(2**62)  # no value in a MAX all-reduce
+
+
+def run_and_agree(action: Callable[[], int | None] | None, device: torch.device, what: str) -> tuple[int, int]:
+    """Collective: `action` runs where given (e.g. on local rank 0 of each node) while the other
+    ranks wait. A failure anywhere raises on every rank, instead of leaving the others waiting in
+    the next collective. Returns the lowest and highest value `action` returned on any rank."""
+    value, error = None, None
+    if action is not None:
+        try:
+            value = action()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others heard of it
+            error = exc
+    flags = torch.tensor([int(error is not None), _UNSET if value is None else value,
+                          _UNSET if value is None else -value], dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise RuntimeError(f"{what} failed: {type(error).__name__}: {error}") from error
+    if flags[0]:
+        raise RuntimeError(f"{what} failed on another node; see its log")
+    return -int(flags[2]), int(flags[1])

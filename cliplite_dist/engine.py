@@ -53,18 +53,23 @@ def _decays(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Groups by (part, decay); each carries `base_lr`, which the schedule scales every step."""
+    """One group per (lr, weight decay): the parts (image, text, critic) that share a rate share
+    groups, named after them. Each carries `base_lr`, which the schedule scales every step.
+
+    Fewer, larger groups matter to a resume on more ranks: DeepSpeed's universal checkpoint
+    cannot load a group so small that some rank holds none of it (a lone temperature, say)."""
     part_lr = {"image": cfg.image_lr or cfg.lr, "text": cfg.text_lr or cfg.lr,
                "critic": cfg.critic_lr or cfg.lr}
-    groups: dict[tuple[str, bool], list] = {}
+    groups: dict[tuple[float, bool], dict[str, list]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((_part_of(name), _decays(name, param)), []).append(param)
+            part = _part_of(name)
+            groups.setdefault((part_lr[part], _decays(name, param)), {}).setdefault(part, []).append(param)
     return [
-        {"params": params, "name": f"{part}{'' if decay else '_no_decay'}",
-         "weight_decay": cfg.weight_decay if decay else 0.0,
-         "lr": part_lr[part], "base_lr": part_lr[part]}
-        for (part, decay), params in sorted(groups.items())
+        {"params": [param for part in PARTS if part in parts for param in parts[part]],
+         "name": "+".join(part for part in PARTS if part in parts) + ("" if decay else "_no_decay"),
+         "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr, "base_lr": lr}
+        for (lr, decay), parts in sorted(groups.items(), key=lambda item: (min(map(PARTS.index, item[1])), item[0]))
     ]
 
 
@@ -93,11 +98,12 @@ def set_lr(optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def deepspeed_config(cfg: Config, precision: str) -> dict:
+def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) -> dict:
     """DeepSpeed's config for our run. Under every ZeRO stage DeepSpeed's bf16 keeps fp32 master
     weights and optimizer state; what it keeps in bf16 by default is gradients on the wire and
     between micro-batches, where open_clip's AMP keeps fp32, so here both are fp32 (the second
-    where DeepSpeed can: ZeRO 1-3; `check_bf16_accumulation` refuses the rest)."""
+    where DeepSpeed can: ZeRO 1-3; `check_bf16_accumulation` refuses the rest). `load_universal`:
+    the engine will load a universal checkpoint (a resume on another number of ranks)."""
     zero = {"stage": cfg.engine.zero_stage}
     if cfg.engine.zero_stage == 3:
         # gather full parameters for saving so checkpoints hold consolidated 16-bit weights too
@@ -114,6 +120,8 @@ def deepspeed_config(cfg: Config, precision: str) -> dict:
         "steps_per_print": 10**12,  # our trainer logs
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if precision == "bf16":
         # a bf16 sum over 64 ranks keeps ~3 significant digits of each rank's gradient
         ds["communication_data_type"] = "fp32"
@@ -133,14 +141,14 @@ class Engine:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
 
 
-def build_engine(model: nn.Module, cfg: Config, device: torch.device) -> Engine:
+def build_engine(model: nn.Module, cfg: Config, device: torch.device, load_universal: bool = False) -> Engine:
     import deepspeed
 
     precision = resolve_precision(cfg.engine, device)
     check_bf16_accumulation(cfg, precision)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, precision))
+                                           config=deepspeed_config(cfg, precision, load_universal))
     if engine.world_size == 1 and cfg.engine.zero_stage == 0 and precision == "fp32":
         # One rank has nothing to average, but DeepSpeed would still flatten every gradient into
         # buckets, all-reduce them over a group of one and copy them back (2% of a tiny-ViT step).

@@ -35,26 +35,6 @@ META = "cliplite_meta.json"
 OBJECTIVE_WEIGHTS = "cliplite_objective.safetensors"
 
 
-def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint, whatever its ZeRO stage and world size.
-
-    ZeRO 1-3 (and bf16) keep fp32 master weights partitioned in the optimizer files; DeepSpeed's
-    zero_to_fp32 merges them. A ZeRO-0 fp32 checkpoint holds the module's weights directly. These
-    files are the run's own checkpoint, written by this framework.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    folder = root / tag
-    if any(folder.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    else:
-        files = sorted(folder.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{folder} holds no DeepSpeed model states")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float().contiguous() for k, v in state.items()}
-
-
 def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     towers = {k[len(TOWERS_PREFIX):]: v for k, v in state.items() if k.startswith(TOWERS_PREFIX)}
     objective = {k[len(OBJECTIVE_PREFIX):]: v for k, v in state.items() if k.startswith(OBJECTIVE_PREFIX)}
@@ -86,7 +66,7 @@ def _export(run_dir: Path, out: Path, tag: str | None, source: str) -> Path:
     tag = tag or checkpoint.find_latest(root)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {root}")
-    towers, objective = _split(consolidated_state_dict(root, tag))
+    towers, objective = _split(checkpoint.consolidated_state_dict(root, tag))
     model_cfg = json.loads((run_dir / "model_cfg.json").read_text())
     objective_module = build_objective(cfg.objective, int(model_cfg["embed_dim"]))
     objective_module.load_state_dict(objective)

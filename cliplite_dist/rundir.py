@@ -29,7 +29,6 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import Callable
 
 import fsspec
 import torch
@@ -37,12 +36,11 @@ import torch.distributed as dist
 
 from cliplite_dist import checkpoint
 from cliplite_dist.config import Config
-from cliplite_dist.distributed import DistEnv
+from cliplite_dist.distributed import DistEnv, run_and_agree
 
 CHECKPOINTS = "checkpoints"
 NODE_MARKER = "UPLOADED-node"
 _NODES = re.compile(r"^nodes (\d+)$", re.MULTILINE)  # the line checkpoint.save writes into COMPLETE
-_UNSET = -(2**62)  # no value in a MAX all-reduce
 
 log = logging.getLogger("cliplite_dist")
 
@@ -318,26 +316,6 @@ class RunDirSync:
 
 
 # ---- the trainer's side: collectives over the nodes ---------------------------------------------
-def _run_and_agree(action: Callable[[], int | None] | None, device: torch.device, what: str) -> tuple[int, int]:
-    """Collective: `action` runs where given (local rank 0 of the nodes that sync) while the other
-    ranks wait. A failure anywhere raises on every rank, instead of leaving the others waiting in
-    the next collective. Returns the lowest and highest value `action` returned on any rank."""
-    value, error = None, None
-    if action is not None:
-        try:
-            value = action()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others heard of it
-            error = exc
-    flags = torch.tensor([int(error is not None), _UNSET if value is None else value,
-                          _UNSET if value is None else -value], dtype=torch.int64, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if error is not None:
-        raise RuntimeError(f"{what} failed: {type(error).__name__}: {error}") from error
-    if flags[0]:
-        raise RuntimeError(f"{what} failed on another node; see its log")
-    return -int(flags[2]), int(flags[1])
-
-
 def _staging_nodes(run_dir: Path, env: DistEnv) -> tuple[int, ...]:
     """Collective: the nodes whose files this rank's sync covers; () where no sync runs (not
     local rank 0, or a node whose staging directory node 0 shares). Nodes find out which
@@ -370,7 +348,7 @@ def start_sync(cfg: Config, env: DistEnv, device: torch.device) -> RunDirSync | 
         return None
     nodes = _staging_nodes(cfg.run_dir, env)
     sync = RunDirSync(cfg.run_dir, cfg.run_url, cfg.run.sync_every_s, nodes) if nodes else None
-    _run_and_agree(sync and sync.start, device, f"reading {cfg.run_url}")
+    run_and_agree(sync and sync.start, device, f"reading {cfg.run_url}")
     return sync
 
 
@@ -389,7 +367,7 @@ def pull_for_resume(sync: RunDirSync | None, device: torch.device) -> None:
         tag = sync.pull()
         return -1 if tag is None else _step(tag)
 
-    low, high = _run_and_agree(sync and pull, device, "pulling the newest checkpoint")
+    low, high = run_and_agree(sync and pull, device, "pulling the newest checkpoint")
     if low != high:
         raise RuntimeError(f"the nodes' newest checkpoints differ (steps {low} and {high}): one node holds a "
                            f"checkpoint that never reached {sync.url if sync else 'the remote run directory'}; "

@@ -6,11 +6,14 @@ and exit with EXIT_INTERRUPTED, so a scheduler (or the user) can rerun the same 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,8 +33,8 @@ from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.data.tokens import BatchTokenizer
 from cliplite_dist.data.transforms import DeviceTransform, decode_uint8, uint8_train_transform
-from cliplite_dist.distributed import DistEnv, host_group, init_distributed, pick_device
-from cliplite_dist.engine import build_engine, lr_factor, set_lr
+from cliplite_dist.distributed import DistEnv, host_group, init_distributed, pick_device, run_and_agree
+from cliplite_dist.engine import build_engine, lr_factor, param_groups, set_lr
 from cliplite_dist.evaluate import tasks
 from cliplite_dist.evaluate.embed import DistributedEmbedder
 from cliplite_dist.metrics import MetricLogger
@@ -144,7 +147,17 @@ class Trainer:
         self.towers = towers  # tokenizer, transforms and architecture, for evaluations after training
         if env.is_main:  # the export needs the towers' architecture, whatever model.name pointed at
             (self.run_dir / "model_cfg.json").write_text(json.dumps(towers.model_cfg, indent=1) + "\n")
-        self.engine_info = build_engine(model, cfg, self.device)
+        self.resume_from = self._checkpoint_to_resume()
+        self.resume_mode, self.resume_how = "exact", ""
+        if self.resume_from:
+            optimizer = cfg.optim.name + (" in Lookahead" if cfg.optim.lookahead_k else "")
+            sizes = [sum(p.numel() for p in group["params"]) for group in param_groups(model, cfg.optim)]
+            self.resume_mode, self.resume_how = checkpoint.resume_mode(
+                *self.resume_from, env.world_size, cfg.engine.zero_stage, optimizer, sizes)
+        if self.resume_mode == "warm_start":
+            model.load_state_dict(checkpoint.consolidated_state_dict(*self.resume_from))
+        self.universal = self._universal_copy() if self.resume_mode == "universal" else None
+        self.engine_info = build_engine(model, cfg, self.device, load_universal=self.universal is not None)
         self.engine = self.engine_info.engine
         torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank randomness from here on
         random.seed(cfg.train.seed * 1000 + env.rank)  # augmentation draws when data.workers=0 (workers seed their own)
@@ -184,19 +197,48 @@ class Trainer:
                  self.device, self.engine_info.precision, cfg.engine.zero_stage, num_samples,
                  self.batches_per_epoch, cfg.data.batch_size)
 
-    def _resume(self) -> int:
-        """Restore the newest checkpoint (or the one named); returns the optimizer step to start at."""
+    def _checkpoint_to_resume(self) -> tuple[Path, str] | None:
+        """(checkpoints folder, tag) of the newest checkpoint (run.resume=auto, after a remote run
+        directory's newest complete one has come down: collective) or the one named; None to start."""
         mode = self.cfg.run.resume
         if mode == "never":
-            return 0
+            return None
         if mode == "auto" and self.cfg.run_url:
             rundir.pull_for_resume(self.sync, self.device)
         root, tag = (self.ckpt_root, checkpoint.find_latest(self.ckpt_root)) if mode == "auto" else \
             (Path(mode).parent, Path(mode).name)
-        if tag is None:
+        return None if tag is None else (root, tag)
+
+    def _universal_copy(self) -> Path:
+        """The checkpoint to resume in DeepSpeed's universal form, converted by local rank 0 of
+        every node into the node's scratch space (collective; a failure stops every rank)."""
+        root, tag = self.resume_from
+        name = hashlib.sha1(str((root / tag).resolve()).encode()).hexdigest()[:10]
+        out = Path(tempfile.gettempdir()) / f"cliplite-universal-{name}-node{self.env.node}"
+
+        def convert() -> None:
+            checkpoint.universal_copy(root, tag, out)
+
+        run_and_agree(convert if self.env.local_rank == 0 else None, self.device,
+                      f"converting {root / tag} to a universal checkpoint")
+        return out
+
+    def _resume(self) -> int:
+        """Restore the checkpoint found at set-up, if any; returns the optimizer step to start at.
+        On another number of ranks than it was saved with (ZeRO 1-3), say how it was resharded."""
+        if self.resume_from is None:
             return 0
-        state = checkpoint.load(self.engine, root, tag)
+        root, tag = self.resume_from
+        state = checkpoint.load(self.engine, root, tag, self.resume_mode, self.universal)
         log.info("resumed from %s at step %d", root / tag, state["step"])
+        if self.resume_mode != "exact":
+            log.warning("resuming a checkpoint of %d rank(s) on %d at ZeRO %d through %s",
+                        checkpoint.saved_world_size(root, tag), self.env.world_size, self.cfg.engine.zero_stage,
+                        self.resume_how)
+        if self.universal is not None:
+            dist.barrier()  # every rank has read it
+            if self.env.local_rank == 0:
+                shutil.rmtree(self.universal, ignore_errors=True)
         self._restore_data(state)
         return int(state["step"])
 

@@ -32,6 +32,13 @@ def test_groups_split_parts_and_exclude_norms_biases_temperatures_from_decay(mod
     assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
 
 
+def test_parts_that_share_a_rate_share_groups(model):
+    groups = {g["name"]: g for g in param_groups(model, OptimConfig(lr=1e-3, weight_decay=0.1))}
+    assert set(groups) == {"image+text+critic", "image+text+critic_no_decay"}
+    paper = {g["name"]: g["base_lr"] for g in param_groups(model, OptimConfig(lr=1e-3, image_lr=0.2, weight_decay=1e-4))}
+    assert paper == {"image": 0.2, "image_no_decay": 0.2, "text+critic": 1e-3, "text+critic_no_decay": 1e-3}
+
+
 def test_open_clip_scalar_logit_scale_is_gone_and_no_parameter_is_0_dim(model):
     assert getattr(model.towers, "logit_scale", None) is None
     assert all(p.ndim >= 1 for p in model.parameters())  # DeepSpeed 0.19 cannot broadcast 0-dim ones
