@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cliplite_dist import stopping
 from cliplite_dist.config import ConfigError, load_config
 
 
 def train_main(argv: list[str] | None = None) -> None:
+    stopping.catch_early()  # a preemption during the imports and set-up below still stops cleanly
     parser = argparse.ArgumentParser(
         prog="cliplite-train",
         description="Train CLIP-Lite or InfoNCE from a recipe; the same command runs alone, under "
@@ -22,7 +24,9 @@ def train_main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"cliplite-train: error: {exc}\n")
     from cliplite_dist.trainer import train  # heavy imports only once the config is valid
 
-    sys.exit(train(cfg))
+    code = train(cfg)
+    stopping.ignore()  # finished or checkpointed: a late signal must not turn the exit code into a kill
+    sys.exit(code)
 
 
 def synth_main(argv: list[str] | None = None) -> None:

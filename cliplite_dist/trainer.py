@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from cliplite_dist import checkpoint, rundir
+from cliplite_dist import checkpoint, rundir, stopping
 from cliplite_dist.config import Config, dump_config
 from cliplite_dist.data.augment import PRESETS
 from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadData, exceeds, fractions,
@@ -43,46 +43,8 @@ from cliplite_dist.models import average_batchnorm_statistics, build_model
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again to resume
 EXIT_BAD_DATA = 65  # EX_DATAERR: the data cannot be read (or too much of it is bad); not worth a requeue
 DATA_ERRORS = (EmptyStreamError, TooMuchBadData, ShardError)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 log = logging.getLogger("cliplite_dist")
-
-
-class StopFlag:
-    """A stop signal and a data failure, agreed by all ranks at every micro-step.
-
-    The signal handler (no collectives there) only sets `requested`, and nothing else writes it:
-    the all-reduce reduces a copy, so a signal that arrives while it runs is kept for the next
-    one instead of being overwritten by its result (acting on a signal ends the run, so the flag
-    is never cleared). `signum` is the agreed signal: the largest any rank received.
-
-    Why every micro-step, on a CPU (gloo) group: a rank whose data fetch failed has no batch, so
-    the others must hear of it before the forward's first collective, or they wait there
-    forever; agreeing only every N steps would leave that rank stepping on without data. And an
-    all-reduce of a CUDA tensor read back by the host makes the host wait for the GPU to finish
-    every step already queued, every step: no kernels queued ahead. Over gloo the flag is a CPU
-    tensor; the host waits only for the other ranks' hosts (which run ahead of their GPUs), a
-    network round trip, never for a GPU.
-    """
-
-    def __init__(self):
-        self.requested = 0  # written by the signal handler only
-        self.signum = 0
-        self.group: dist.ProcessGroup | None = None  # None: the default group (gloo on CPU)
-
-    def install(self) -> None:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.requested = signum
-
-    def agreed(self, failed: bool = False) -> tuple[bool, int]:
-        """(any rank signalled, 1 + the highest rank that `failed`, or 0), the same on every rank."""
-        flag = torch.tensor([self.requested, dist.get_rank() + 1 if failed else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        self.signum, failed_rank = flag.tolist()
-        return self.signum != 0, failed_rank
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -118,7 +80,7 @@ class Trainer:
         self.device = pick_device(cfg.engine.device, self.env.local_rank)
         self.run_dir = cfg.run_dir  # local: a run with a remote output_dir is staged here
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.stop = StopFlag()
+        self.stop = stopping.StopFlag()
         self.sync: rundir.RunDirSync | None = None  # remote output_dir: local rank 0 of each node
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -266,7 +228,8 @@ class Trainer:
                 starts = {r: (SlotPosition(), bad) for r, (_, bad) in starts.items()}
                 self.fresh_data_order = False
             self.stream.set_epoch(epoch, first_reader=within % readers, starts=starts)
-            iterator = iter(self.loader)
+            with stopping.held():  # forks the epoch's loader workers
+                iterator = iter(self.loader)
             for _ in range(within, self.batches_per_epoch):
                 yield epoch, next(iterator)
                 micro += 1
@@ -426,11 +389,13 @@ class Trainer:
                 self._evaluate(step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 self._save(step, epoch)
-        if step != self.saved_step:
+        saved_now = step != self.saved_step
+        if saved_now:
             self._save(step, epoch)
         if stopped:
-            log.warning("stopped by signal %d (%s) at step %d; checkpoint saved, run the same command to resume",
-                        self.stop.signum, signal.Signals(self.stop.signum).name, step)
+            log.warning("stopped by signal %d (%s) at step %d; %s, run the same command to resume",
+                        self.stop.signum, signal.Signals(self.stop.signum).name, step,
+                        "checkpoint saved" if saved_now else "nothing new to save")
             self.close_outputs()
             if self.on_stop is not None and self.env.is_main:
                 self.on_stop()

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from cliplite_dist.distributed import host_group
-from cliplite_dist.trainer import StopFlag
+from cliplite_dist.stopping import StopFlag
 
 
 def test_a_signal_arriving_during_the_all_reduce_is_kept_for_the_next(single_rank_group, monkeypatch):

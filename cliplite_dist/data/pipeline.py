@@ -31,6 +31,7 @@ from cliplite_dist.data.opener import ShardOpener
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.slots import SlotPosition, SlotReader, stable_seed
 from cliplite_dist.data.transforms import RandomResizedCropUint8, decode_pil, decode_uint8
+from cliplite_dist import stopping
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +293,11 @@ def keep_freed_memory() -> bool:
 
 def configure_worker(_worker_id: int = 0) -> None:
     """Every loader worker's first call (DataLoader's worker_init_fn): one intra-op thread per
-    worker (the trainer process needs the cores for the model), and large blocks reused
-    (`keep_freed_memory`)."""
+    worker (the trainer process needs the cores for the model), large blocks reused
+    (`keep_freed_memory`), and stop signals left to the training process."""
     torch.set_num_threads(1)
     keep_freed_memory()
+    stopping.ignore()
 
 
 PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (the DataLoader's prefetch_factor)
