@@ -52,33 +52,47 @@ def test_two_task_job_trains_with_both_ranks_and_checkpoints(slurm_cluster, tiny
     assert re.search(r"last step\s+4", status.stdout) and "step_00000004" in status.stdout
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_cluster, tiny_corpus, tmp_path):
-    total = 60
-    proc = submit(tiny_corpus, tmp_path, {"train.steps": total, "train.log_every": 1,
-                                          "train.checkpoint_every": 0, "data.eval": "''"})
+def _interrupt_and_finish(corpus, out, interrupt: list[str], signal_name: str) -> tuple[str, int, str]:
+    """A 2-task job with a loader worker per task, interrupted by `interrupt` (+ job id) at step 3
+    or later; waits until the job completes. Returns (job id, step of the stop checkpoint, rank 0's log)."""
+    proc = submit(corpus, out, {"train.steps": 60, "train.log_every": 1, "train.checkpoint_every": 0,
+                                "data.eval": "''", "data.workers": 1})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     job_id = job_id_of(proc.stdout)
-    run_dir = tmp_path / "t"
+    run_dir = out / "t"
     deadline = time.monotonic() + 300
     while not any(m["step"] >= 3 for m in metric_steps(run_dir)):
         assert time.monotonic() < deadline, f"job {job_id} never reached step 3: {job_state(job_id)}"
         time.sleep(0.5)
-    # what SLURM does --signal seconds before the time limit: USR2 to every task of the job's steps
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    subprocess.run(interrupt + [job_id], check=True)
     deadline = time.monotonic() + 600
     while job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
         assert time.monotonic() < deadline, f"job {job_id} did not finish: {job_state(job_id)}"
         time.sleep(1)
-    assert job_state(job_id) == "COMPLETED"
     log = (run_dir / "logs" / "train-rank0.log").read_text()
-    saved = int(re.search(r"stopped by signal \d+ \(SIGUSR2\) at step (\d+)", log).group(1))
-    assert f"requeued job {job_id}" in log
+    assert job_state(job_id) == "COMPLETED", log[-3000:]
+    assert "killed by signal" not in log, log[-3000:]  # the loader workers outlived the signal
+    saved = int(re.search(rf"stopped by signal \d+ \({signal_name}\) at step (\d+); checkpoint saved", log).group(1))
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in log
     steps = [m["step"] for m in metric_steps(run_dir) if "train/loss" in m]
-    assert steps[-1] == total
-    after = steps[steps.index(saved) + 1:]
-    assert after == list(range(saved + 1, total + 1))  # continued from the checkpoint, not from 0
-    assert (run_dir / "checkpoints" / f"step_{total:08d}" / "COMPLETE").exists()
+    assert steps[-1] == 60 and steps[steps.index(saved) + 1:] == list(range(saved + 1, 61))  # zero steps lost
+    assert (run_dir / "checkpoints" / "step_00000060" / "COMPLETE").exists()
+    return job_id, saved, log
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_cluster, tiny_corpus, tmp_path):
+    # what SLURM does --signal seconds before the time limit: USR2 to every task of the job's steps
+    job_id, _, log = _interrupt_and_finish(tiny_corpus, tmp_path, ["scancel", "--signal=USR2"], "SIGUSR2")
+    assert f"requeued job {job_id}" in log
+
+
+def test_preemption_checkpoints_where_it_stopped_and_the_requeued_job_resumes_there(slurm_cluster, tiny_corpus,
+                                                                                   tmp_path):
+    # what preemption does: SIGTERM to every process of the job step (loader workers included),
+    # SIGKILL KillWait seconds later, and the job back in the queue
+    job_id, _, log = _interrupt_and_finish(tiny_corpus, tmp_path, ["scontrol", "requeue"], "SIGTERM")
+    assert f"job {job_id} is already back in the queue (requeued by SLURM)" in log
+    assert "ERROR" not in log, log[-3000:]  # no failed second requeue, no failed job
 
 
 def test_sweep_is_one_job_array_with_a_run_directory_per_point(slurm_cluster, tiny_corpus, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,18 @@ def slurm_job_id() -> str | None:
     if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def _requeued_by_slurm(job_id: str, restarts: int) -> bool:
+    """Whether SLURM itself requeued the job (preemption, `scontrol requeue`) while this allocation
+    winds down: its restart count is then already ahead of the one this allocation started with."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                               timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    found = re.search(r"\bRestarts=(\d+)", shown)
+    return found is not None and int(found.group(1)) > restarts
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -67,6 +80,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         the other ranks are waiting at a barrier."""
         job_id = slurm_job_id()
         if job_id is None:
+            return
+        if _requeued_by_slurm(job_id, self._restarts()):
+            self.requeued = True
+            log.warning("job %s is already back in the queue (requeued by SLURM); it resumes from the checkpoint",
+                        job_id)
             return
         if self._restarts() >= self.max_requeues:
             log.warning("not requeuing job %s: %d requeue(s) already (cap %d)", job_id, self._restarts(),
