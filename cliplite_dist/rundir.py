@@ -352,16 +352,22 @@ def start_sync(cfg: Config, env: DistEnv, device: torch.device) -> RunDirSync | 
     return sync
 
 
-def pull_for_resume(sync: RunDirSync | None, device: torch.device) -> None:
-    """Collective, before resuming: every staging directory gets the newest complete remote
-    checkpoint where it is newer than its own. The nodes must then agree on the newest one, or
-    their ranks would resume from different steps."""
-    # What the last attempt saved but did not upload goes up first: node 0's COMPLETE in the first
-    # round, the other nodes' shares in the second; then every node sees it as complete.
+def upload_now(sync: RunDirSync | None) -> None:
+    """Collective: everything staged goes up now, checkpoints with every node's share: node 0's
+    COMPLETE in the first round, the other nodes' shares and markers in the second (they mark a
+    checkpoint only once it is complete remotely). A failed upload is logged; that checkpoint then
+    does not count remotely, and a resume takes the newest one that does."""
     for _ in range(2):
         if sync is not None:
             sync.sync_or_log()
         dist.barrier()
+
+
+def pull_for_resume(sync: RunDirSync | None, device: torch.device) -> None:
+    """Collective, before resuming: every staging directory gets the newest complete remote
+    checkpoint where it is newer than its own. The nodes must then agree on the newest one, or
+    their ranks would resume from different steps."""
+    upload_now(sync)  # what the last attempt saved but did not upload
 
     def pull() -> int:
         tag = sync.pull()

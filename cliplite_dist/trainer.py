@@ -397,6 +397,7 @@ class Trainer:
                         self.stop.signum, signal.Signals(self.stop.signum).name, step,
                         "checkpoint saved" if saved_now else "nothing new to save")
             self.close_outputs()
+            rundir.upload_now(self.sync)  # every node's share is up before a requeue ends the job
             if self.on_stop is not None and self.env.is_main:
                 self.on_stop()
             dist.barrier()
@@ -412,12 +413,8 @@ class Trainer:
 
 def train(cfg: Config, on_stop: Callable[[], None] | None = None) -> int:
     """Run `cfg`; a remote run directory gets its last sync on the way out, whatever ended the run.
-    Before `on_stop` (a requeue, which ends this job soon) rank 0 uploads the stop checkpoint."""
-    def upload_then_stop() -> None:
-        trainer.sync.sync_or_log()
-        on_stop()
-
-    trainer = Trainer(cfg, upload_then_stop if on_stop and cfg.run_url else on_stop)
+    After a signal, every node uploads the stop checkpoint before rank 0 calls `on_stop`."""
+    trainer = Trainer(cfg, on_stop)
     try:
         return trainer.run()
     except DATA_ERRORS as exc:  # unreadable or too-bad data: a requeue would fail the same way

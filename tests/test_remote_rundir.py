@@ -4,6 +4,7 @@ which order, pruning, retries, multi-node markers, pulling for resume, and two r
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +22,8 @@ from cliplite_dist.export import export_run
 from cliplite_dist.launch.submit import output_root
 from cliplite_dist.rundir import RunDirSync, SyncError
 from cliplite_dist.trainer import EXIT_INTERRUPTED
-from runkit import RECIPE, clean_env, free_port, run, tiny_overrides, train_command
+from runkit import RECIPE, clean_env, free_port, metric_steps, run, tiny_overrides, train_command
+from test_multiprocess import rank_pid
 from test_train import wait_for_step
 
 
@@ -267,18 +270,27 @@ def test_a_run_on_another_machine_resumes_from_the_remote_checkpoint(url, s3_ser
     assert meta["step"] == 6 and meta["source_run"] == url
 
 
-def train_on_two_nodes(tiny_corpus, tmp_path, s3_server, tmpdirs: tuple[str, str], **overrides) -> list[str]:
-    """Two torchrun "nodes" of one rank each on this machine, each with its own $TMPDIR."""
+def start_two_nodes(tiny_corpus, tmp_path, s3_server, tmpdirs: tuple[str, str], entry: list[str] | None = None,
+                    env: dict | None = None, **overrides) -> list[subprocess.Popen]:
+    """Two torchrun "nodes" of one rank each on this machine, each with its own $TMPDIR and its
+    own process group; `entry` replaces `-m cliplite_dist`."""
     port, procs = free_port(), []
     for node, tmpdir in enumerate(tmpdirs):
         (tmp_path / tmpdir).mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "cliplite_dist",
-               RECIPE] + tiny_overrides(tiny_corpus, tmp_path, **{
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+               *(entry or ["-m", "cliplite_dist"]), RECIPE] + tiny_overrides(tiny_corpus, tmp_path, **{
                    "train.checkpoint_every": 2, "train.log_every": 1, "run.sync_every_s": 1,
                    "data.eval": "''", "data.eval_zeroshot": "''", **overrides})
-        procs.append(subprocess.Popen(cmd, env=clean_env(TMPDIR=str(tmp_path / tmpdir), **s3_server.env),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(cmd, env=clean_env(TMPDIR=str(tmp_path / tmpdir), **s3_server.env,
+                                                         **(env or {})),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def train_on_two_nodes(tiny_corpus, tmp_path, s3_server, tmpdirs: tuple[str, str], **overrides) -> list[str]:
+    procs = start_two_nodes(tiny_corpus, tmp_path, s3_server, tmpdirs, **overrides)
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-3000:] for out in outputs)
     return outputs
@@ -325,3 +337,28 @@ def test_a_signal_stop_uploads_its_checkpoint_before_exiting(url, s3_server, tin
     saved = (staged / "checkpoints" / "latest").read_text().strip()
     assert RunDirSync(tmp_path, url, 60).remote_complete() == [saved]
     assert remote_files(s3_server, url)["metrics.jsonl"] == (staged / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.timeout(400)
+def test_a_requeue_ends_the_job_only_after_every_node_uploaded_the_stop_checkpoint(url, s3_server, tiny_corpus,
+                                                                                   tmp_path):
+    """Two nodes with node-local staging, no periodic pass in time (sync_every_s=600). A signal to
+    node 1's rank stops both; rank 0's requeue SIGKILLs every node at once, as SLURM does, so no
+    upload on the way out can help: the newest complete remote checkpoint is the stop checkpoint."""
+    pids = tmp_path / "pids"
+    procs = start_two_nodes(tiny_corpus, tmp_path, s3_server, ("n0", "n1"), [str(Path(__file__).parent / "requeue_kills.py")],
+                            env={"CLIPLITE_TEST_JOB_PIDS": str(pids)}, **{
+                                "run.output_dir": url.rsplit("/", 1)[0], "train.steps": 400,
+                                "train.checkpoint_every": 0, "run.sync_every_s": 600})
+    pids.write_text(" ".join(str(proc.pid) for proc in procs))
+    deadline = time.monotonic() + 240
+    while not any(m["step"] >= 3 for staged in (tmp_path / "n0").glob("**/metrics.jsonl")  # node 0's staging
+                  for m in metric_steps(staged.parent)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no step 3"
+        time.sleep(0.2)
+    subprocess.run(["kill", "-USR1", str(rank_pid(procs[1].pid, 1))], check=True)
+    outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [-signal.SIGKILL] * 2, "\n".join(o[-2000:] for o in outputs)
+    stopped = re.search(r"stopped by signal \d+ \(SIGUSR1\) at step (\d+)", outputs[0])
+    assert stopped, outputs[0][-3000:]
+    assert RunDirSync(tmp_path, url, 60).remote_complete()[-1] == f"step_{int(stopped.group(1)):08d}"
