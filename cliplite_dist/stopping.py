@@ -7,7 +7,9 @@ orderly stop instead of a killed process.
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -27,21 +29,40 @@ def catch_early() -> None:
 
 
 def ignore() -> None:
-    """Stop signals do nothing from here on. In a loader worker: the training process owns the
-    stop (PyTorch's workers otherwise die on a SIGTERM that did not come from their parent, and
-    SLURM's preemption sends one to every process of the job step). In the training process once
-    the run is over (finished, or stopped with its checkpoint): its exit code must say so, and
-    Python's own teardown would otherwise restore the default action, which kills."""
+    """In the training process once the run is over (finished, or stopped with its checkpoint):
+    stop signals do nothing, so the exit code says how it ended (Python's own teardown would
+    otherwise restore the default action, which kills)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a child of `held()` starts them blocked
+
+
+def leave_to_parent() -> None:
+    """In a loader worker: stop signals are the training process's business. PyTorch's workers
+    die on a SIGTERM that did not come from their parent, and SLURM's preemption sends one to every
+    process of the job step, mid-checkpoint. The parent's own SIGTERM (the DataLoader ending a
+    worker that did not stop in time) still ends the worker: SIGTERM stays blocked and a thread
+    takes each one, exiting only if the parent sent it."""
+    for signum in STOP_SIGNALS:
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def take_sigterms() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterms, name="sigterm-from-parent", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS) - {signal.SIGTERM})  # see `held`
 
 
 @contextmanager
 def held():
     """Stop signals wait (blocked, not lost) while this block forks loader workers: a worker
-    starts with them blocked and unblocks them only once it ignores them (`ignore`), so none can
-    kill it in between; here they are delivered when the block ends."""
+    starts with them blocked and unblocks them only once it has its own handling
+    (`leave_to_parent`), so none can kill it in between; here they are delivered when the block
+    ends."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield

@@ -27,7 +27,7 @@ from cliplite_dist.config import Config, dump_config
 from cliplite_dist.data.augment import PRESETS
 from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadData, exceeds, fractions,
                                            too_much_bad_data)
-from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, make_loader
+from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, as_raised, make_loader
 from cliplite_dist.data.shards import ShardError, all_urls, count_samples, resolve_corpora
 from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
 from cliplite_dist.data.synthetic import ensure_corpus
@@ -285,7 +285,7 @@ class Trainer:
         try:
             return next(batches), None
         except Exception as exc:  # every rank must hear of it, or the others wait in a collective
-            return None, exc
+            return None, as_raised(exc)
 
     def _data_health(self) -> tuple[dict[str, float], TooMuchBadData | None]:
         """Bad-data counts of all ranks for TensorBoard, and the error to stop with once the bad
@@ -305,15 +305,20 @@ class Trainer:
         dist.all_gather_object(worst, self.progress.tally.worst_shards())
         return metrics, too_much_bad_data(totals, sum(worst, Counter()), self.cfg.data.max_bad_fraction)
 
-    def _stop_on_data_error(self, step: int, epoch: int, error: Exception | None, failed_rank: int,
-                            between_steps: bool) -> None:
-        """Every rank: save what was trained (so nothing is lost), then raise; the failing rank
-        raises its own error, the others one that points at it. Inside an accumulation step
-        nothing is saved: the checkpoint's data positions would skip its micro-batches."""
+    def _stop_on_data_error(self, step: int, epoch: int, error: Exception | None, between_steps: bool,
+                            failed_rank: int = 0) -> None:
+        """Every rank: save what was trained (so nothing is lost), then raise. `failed_rank` (1 +
+        its rank): the rank whose fetch failed sends its message to the others (collective), so
+        every rank's log says what and where; it raises its own error, they one quoting it.
+        Inside an accumulation step nothing is saved: the checkpoint's data positions would skip
+        its micro-batches."""
+        if failed_rank:
+            message = [str(error) if self.env.rank == failed_rank - 1 else None]
+            dist.broadcast_object_list(message, src=failed_rank - 1, group=self.stop.group)
+            if error is None:
+                error = EmptyStreamError(f"rank {failed_rank - 1} could not read its data: {message[0]}")
         if between_steps and step != self.saved_step:
             self._save(step, epoch)
-        if error is None:
-            error = EmptyStreamError(f"rank {failed_rank - 1} could not read its data; see its log")
         log.error("stopping at step %d (newest checkpoint: step %d): %s", step, self.saved_step, error)
         raise error
 
@@ -343,7 +348,7 @@ class Trainer:
             data_wait += time.perf_counter() - fetch_start
             signalled, failed_rank = self.stop.agreed(failure is not None)
             if failed_rank:
-                self._stop_on_data_error(step, epoch, failure, failed_rank, micro % accum == 0)
+                self._stop_on_data_error(step, epoch, failure, micro % accum == 0, failed_rank)
             if signalled and micro % accum == 0:  # only between optimizer steps
                 stopped = True
                 break
@@ -384,7 +389,7 @@ class Trainer:
                 if self.keys_file is not None:
                     self.keys_file.flush()
                 if bad_data is not None:
-                    self._stop_on_data_error(step, epoch, bad_data, self.env.rank + 1, True)
+                    self._stop_on_data_error(step, epoch, bad_data, True)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                 self._evaluate(step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:

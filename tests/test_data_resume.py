@@ -126,14 +126,17 @@ def test_a_rank_with_nothing_to_read_stops_both_ranks(tmp_path):
     start = time.monotonic()
     proc = run(torchrun_command() + [RECIPE] + tiny_overrides(corpus, tmp_path, **{
         "data.train": str(corpus), "data.num_samples": 80, "data.eval": "''", "data.eval_zeroshot": "''",
-        "data.workers": 0, "data.shuffle_buffer": 4, "train.steps": 20, "model.name": "micro-vit"}), timeout=400)
+        "data.workers": 1, "data.shuffle_buffer": 4, "train.steps": 20, "model.name": "micro-vit"}), timeout=400)
     assert proc.returncode != 0
     assert time.monotonic() - start < 300  # no collective left waiting for the default 30 min
     logs = {rank: (tmp_path / "t" / "logs" / f"train-rank{rank}.log").read_text() for rank in (0, 1)}
-    failed = [rank for rank, log in logs.items() if "got no sample from" in log]
+    failed = [rank for rank, log in logs.items() if "ERROR" in log and "could not read its data" not in log]
     assert len(failed) == 1, logs
     other = 1 - failed[0]
-    assert f"rank {failed[0]} could not read its data" in logs[other]
+    for log in logs.values():  # both name the shard and what was wrong, not the loader worker's wrapping
+        assert "shard(s) in a row" in log and "shard-00001.tar: empty_shard" in log, log[-2000:]
+        assert "Caught EmptyStreamError" not in log
+    assert f"rank {failed[0]} could not read its data: data reader" in logs[other]
     assert "skipping bad data (empty_shard)" in logs[failed[0]]
     assert f"exitcode  : {EXIT_BAD_DATA}" in proc.stdout + proc.stderr
 

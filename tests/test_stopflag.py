@@ -1,6 +1,10 @@
 """Stop signals and data failures agreed by all ranks: no signal is lost to the all-reduce that
-agrees on it, and the agreement runs on CPU tensors (never waiting for a GPU)."""
+agrees on it, and the agreement runs on CPU tensors (never waiting for a GPU). Loader workers
+leave stop signals to the training process."""
+import multiprocessing
 import signal
+import subprocess
+import time
 
 import torch
 import torch.distributed as dist
@@ -35,3 +39,26 @@ def test_a_failed_fetch_names_the_rank(single_rank_group):
 
 def test_on_gloo_the_default_group_is_the_host_group(single_rank_group):
     assert host_group() is None
+
+
+def _loader_worker_like(ready) -> None:
+    from cliplite_dist import stopping
+
+    stopping.leave_to_parent()
+    ready.set()
+    time.sleep(120)
+
+
+def test_a_loader_worker_outlives_stop_signals_from_others_but_not_its_parents_sigterm():
+    ctx = multiprocessing.get_context("fork")  # how the DataLoader starts workers here
+    ready = ctx.Event()
+    worker = ctx.Process(target=_loader_worker_like, args=(ready,), daemon=True)
+    worker.start()
+    assert ready.wait(30)
+    for name in ("TERM", "USR1", "USR2"):  # as SLURM sends them: from another process
+        subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+    worker.join(2)
+    assert worker.is_alive()
+    worker.terminate()  # the DataLoader's own shutdown: SIGTERM from the parent
+    worker.join(10)
+    assert worker.exitcode == 0

@@ -297,7 +297,20 @@ def configure_worker(_worker_id: int = 0) -> None:
     (`keep_freed_memory`), and stop signals left to the training process."""
     torch.set_num_threads(1)
     keep_freed_memory()
-    stopping.ignore()
+    stopping.leave_to_parent()
+
+
+def as_raised(exc: Exception) -> Exception:
+    """The error as the loader worker raised it. PyTorch re-raises a worker's error in the
+    training process with the worker's whole traceback as its message, under which our data
+    errors' own message (which shards, what was wrong with each) ends up buried."""
+    text, marker = str(exc), f"{type(exc).__name__}: "
+    if not text.startswith("Caught ") or marker not in text:
+        return exc
+    try:
+        return type(exc)(text.rsplit(marker, 1)[1].strip())
+    except TypeError:  # an error type that takes other arguments stays as PyTorch raised it
+        return exc
 
 
 PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (the DataLoader's prefetch_factor)
