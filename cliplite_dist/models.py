@@ -62,6 +62,11 @@ class Towers:
         return int(self.model_cfg["embed_dim"])
 
 
+def image_size(cfg: ModelConfig) -> int:
+    """The size of training images for model.name, known before the model is built."""
+    return preprocess_config(open_clip.get_model_config(resolve_model_name(cfg.name)))["size"]
+
+
 def build_towers(cfg: ModelConfig) -> Towers:
     name = resolve_model_name(cfg.name)
     model = open_clip.create_model(name, pretrained=None)

@@ -27,7 +27,8 @@ from cliplite_dist.config import Config, dump_config
 from cliplite_dist.data.augment import PRESETS
 from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadData, exceeds, fractions,
                                            too_much_bad_data)
-from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, as_raised, make_loader
+from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, SharedMemoryShortfall, ShardStream, as_raised, \
+    check_shared_memory, make_loader
 from cliplite_dist.data.shards import ShardError, all_urls, count_samples, resolve_corpora
 from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
 from cliplite_dist.data.synthetic import ensure_corpus
@@ -38,10 +39,11 @@ from cliplite_dist.engine import build_engine, lr_factor, param_groups, set_lr
 from cliplite_dist.evaluate import tasks
 from cliplite_dist.evaluate.embed import DistributedEmbedder
 from cliplite_dist.metrics import MetricLogger
-from cliplite_dist.models import average_batchnorm_statistics, build_model
+from cliplite_dist.models import average_batchnorm_statistics, build_model, image_size
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again to resume
 EXIT_BAD_DATA = 65  # EX_DATAERR: the data cannot be read (or too much of it is bad); not worth a requeue
+EXIT_CONFIG = 78  # EX_CONFIG: the config cannot run on this machine (e.g. too little shared memory)
 DATA_ERRORS = (EmptyStreamError, TooMuchBadData, ShardError)
 
 log = logging.getLogger("cliplite_dist")
@@ -91,6 +93,7 @@ class Trainer:
         # a run that writes its own synthetic corpus looks its shards up once they are written.
         resolve = lambda: resolve_corpora(cfg.data.train, cfg.data.train_weights, cfg.data.connect_timeout_s)
         resolved = None if cfg.data.synthetic.train_samples else resolve()
+        check_shared_memory(cfg.data, image_size(cfg.model), env.local_world_size)
         init_distributed(env, self.device)
         self.stop.group = host_group()
         self.sync = rundir.start_sync(cfg, env, self.device)  # before the logs open: they continue the remote's
@@ -425,6 +428,9 @@ def train(cfg: Config, on_stop: Callable[[], None] | None = None) -> int:
     except DATA_ERRORS as exc:  # unreadable or too-bad data: a requeue would fail the same way
         print(f"cliplite-train: data error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_DATA
+    except SharedMemoryShortfall as exc:  # raised before any collective: no rank is left waiting
+        print(f"cliplite-train: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     finally:
         trainer.close_outputs()
         if dist.is_initialized():

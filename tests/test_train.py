@@ -77,3 +77,16 @@ def test_bad_config_fails_before_anything_starts(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'data.batchsize'" in proc.stderr and "data.batch_size" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_too_little_shared_memory_stops_at_once_naming_the_fix(tiny_corpus, tmp_path):
+    import shutil
+
+    free_gib = shutil.disk_usage("/dev/shm").free / 2**30
+    batch = int(free_gib * 2**30 / (3 * 32 * 32 * 7)) + 1  # one worker's buffers alone overflow it
+    proc = run(train_command() + [RECIPE] + tiny_overrides(tiny_corpus, tmp_path, **{
+        "data.batch_size": batch, "data.workers": 1, "model.name": "micro-vit"}), timeout=120)
+    assert proc.returncode == 78, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "shared memory in /dev/shm" in proc.stderr and f"data.batch_size={batch}" in proc.stderr
+    assert "data.workers=1" in proc.stderr and "--shm-size" in proc.stderr
+    assert not (tmp_path / "t" / "checkpoints").exists()  # stopped before anything ran

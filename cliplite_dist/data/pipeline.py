@@ -314,6 +314,33 @@ def as_raised(exc: Exception) -> Exception:
 
 
 PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (the DataLoader's prefetch_factor)
+SHARED_MEMORY = "/dev/shm"  # where PyTorch's shared tensors (the workers' batch buffers) live
+
+
+class SharedMemoryShortfall(RuntimeError):
+    """The loader's batch buffers would not fit in shared memory: a bus error mid-run otherwise."""
+
+
+def check_shared_memory(cfg: DataConfig, image_size: int, ranks_here: int, where: str = SHARED_MEMORY) -> int:
+    """Stop at start-up, with the fix in words, if the loader workers of the `ranks_here` ranks of
+    this machine would need more shared memory than `where` has free. Each worker has about
+    PREFETCH_BATCHES + 3 batches in flight (prefetched, being pinned, in the step, being written),
+    each in a buffer a quarter larger than the batch (handoff.SharedBuffers). Returns the bytes
+    needed, a floor: resized uint8 images (whole JPEGs are smaller, unresized crops larger)."""
+    if cfg.workers == 0:
+        return 0
+    batch = cfg.batch_size * 3 * image_size * image_size
+    need = ranks_here * cfg.workers * (PREFETCH_BATCHES + 3) * batch * 5 // 4
+    stat = os.statvfs(where)
+    free = stat.f_bavail * stat.f_frsize
+    if need > free:
+        raise SharedMemoryShortfall(
+            f"the data loader needs about {need / 2**30:.2f} GiB of shared memory in {where} ({ranks_here} rank(s) "
+            f"x data.workers={cfg.workers} x {PREFETCH_BATCHES + 3} batches in flight of data.batch_size="
+            f"{cfg.batch_size} at {image_size} px), and {free / 2**30:.2f} GiB is free there. Lower data.workers "
+            f"or data.batch_size, or give the job more shared memory (docker run --shm-size=..., a larger {where} "
+            f"mount; on SLURM, --mem counts it on most clusters)")
+    return need
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoader:

@@ -61,6 +61,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         code = train(self.cfg, on_stop=self._requeue)
+        if code not in (0, EXIT_INTERRUPTED):  # bad data, a config this machine cannot run: a failed job
+            sys.exit(code)
         if code == EXIT_INTERRUPTED:
             # Only rank 0 decided (and submitit reads only task 0's result); a requeued job
             # writes no result, since SLURM runs it again.
