@@ -13,7 +13,8 @@ TRANSFORM = transforms.Compose([transforms.Resize(32), transforms.ToTensor()])
 def test_classification_set(tmp_path):
     write_classification_set(tmp_path, 30, split="test", shard_size=12)
     data = load_labelled(str(tmp_path / "test"), TRANSFORM)
-    assert data.images.shape == (30, 3, 32, 32) and data.labels.shape == (30,) and not data.multilabel
+    assert len(data.images) == 30 and data.labels.shape == (30,) and not data.multilabel
+    assert data.images[torch.tensor([0, 29])].shape == (2, 3, 32, 32) and data.images[:3].shape == (3, 3, 32, 32)
     assert classnames(str(tmp_path)) == list(CLASS_NAMES)
     assert all("{c}" in t for t in templates(str(tmp_path)))
     assert len(load_labelled(str(tmp_path / "test"), TRANSFORM, max_samples=7).labels) == 7
@@ -29,7 +30,7 @@ def test_multilabel_set(tmp_path):
 def test_retrieval_set_keeps_every_caption(tmp_path):
     write_retrieval_set(tmp_path, 10)
     data = load_retrieval(str(tmp_path), TRANSFORM)
-    assert data.images.shape[0] == 10 and len(data.captions) == len(data.text_image) > 10
+    assert len(data.images) == 10 and len(data.captions) == len(data.text_image) > 10
     assert torch.equal(data.text_image.unique(), torch.arange(10))
 
 

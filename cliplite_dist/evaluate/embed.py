@@ -1,4 +1,5 @@
 """Embedders: all images or captions of an evaluation set -> unit embeddings, batched.
+Images come as datasets.EncodedImages (decoded batch by batch), captions as a token tensor.
 
 `LocalEmbedder` runs a loaded model in this process (cliplite-eval). `DistributedEmbedder`
 runs inside training on every rank: each rank embeds every world-th item through the engine
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cliplite_dist.evaluate.datasets import EncodedImages
+
 
 class LocalEmbedder:
     """Batches go to the model's device; embeddings come back to the CPU (as the distributed
@@ -20,11 +23,11 @@ class LocalEmbedder:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def _run(self, fn, data: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn, data) -> torch.Tensor:
         return torch.cat([fn(data[i:i + self.batch_size].to(self.device)).float().cpu()
                           for i in range(0, len(data), self.batch_size)])
 
-    def images(self, images: torch.Tensor) -> torch.Tensor:
+    def images(self, images: EncodedImages) -> torch.Tensor:
         return self._run(self.model.encode_image, images)
 
     def texts(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -40,9 +43,9 @@ class DistributedEmbedder:
         self.mode = {"towers_only": True} if towers_only else {"embed_only": True}
 
     @torch.no_grad()
-    def _run(self, data: torch.Tensor, as_images: bool) -> torch.Tensor:
+    def _run(self, data, as_images: bool) -> torch.Tensor:
         rank, world = dist.get_rank(), dist.get_world_size()
-        n = data.shape[0]
+        n = len(data)
         per_rank = -(-n // world)
         index = torch.arange(rank, per_rank * world, world) % n  # padded by wrapping around
         parts = []
@@ -59,7 +62,7 @@ class DistributedEmbedder:
         # rank r's j-th row is item j * world + r: interleave back, drop the padding
         return torch.stack(gathered, dim=1).reshape(per_rank * world, -1)[:n].cpu()
 
-    def images(self, images: torch.Tensor) -> torch.Tensor:
+    def images(self, images: EncodedImages) -> torch.Tensor:
         return self._run(images, as_images=True)
 
     def texts(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cliplite_dist.evaluate.datasets import (LabelledImages, classnames, load_labelled, load_retrieval,
-                                             templates)
+from cliplite_dist.evaluate.datasets import (EncodedImages, LabelledImages, classnames, load_labelled,
+                                             load_retrieval, templates)
 from cliplite_dist.evaluate.metrics import ProbeResult, linear_probe, retrieval_metrics, zeroshot_metrics
 
 
 @dataclass
 class RetrievalInputs:
-    images: torch.Tensor
+    images: EncodedImages
     tokens: torch.Tensor
     text_image: torch.Tensor  # caption m describes image text_image[m]
 
