@@ -19,7 +19,6 @@ setup(
         "torchvision",
         "open_clip_torch>=3.0",
         "deepspeed>=0.16",
-        "webdataset>=1.0",
         "fsspec",
         "aiohttp",  # fsspec's http(s):// shards
         "s3fs>=2024.2",  # s3:// shards and run directories (older ones predate fsspec's async API)
@@ -34,7 +33,9 @@ setup(
     ],
     extras_require={
         "gcs": ["gcsfs"],  # gs:// shards and run directories
-        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "moto[server]", "gcsfs", "gcp-storage-emulator"],  # loopback S3, GCS
+        # loopback S3 and GCS servers; webdataset as the reference reader and writer of the format
+        "dev": ["pytest>=8", "pytest-timeout", "matplotlib", "moto[server]", "gcsfs", "gcp-storage-emulator",
+                "webdataset>=1.0"],
     },
     entry_points={
         "console_scripts": [
