@@ -18,7 +18,6 @@ from torch import nn
 
 from cliplite_dist import checkpoint
 from cliplite_dist.config import Config
-from cliplite_dist.data.synthetic import write_corpus
 from cliplite_dist.engine import build_engine, param_groups
 from runkit import RECIPE, metric_steps, run, tiny_overrides, torchrun_command, train_command
 
@@ -127,17 +126,11 @@ def test_universal_resume_is_exact_inside_deepspeed(tmp_path, zero, saved_on, re
 STEPS = 16
 # The resumed runs draw their data in a new order (the readers changed), so their losses match
 # the uninterrupted run's on average, not step by step: mean over the resumed steps, relative.
+# The corpus (600 pairs) is larger than a run's 256 samples: no run sees a batch twice, which on a
+# tiny corpus lets the uninterrupted run memorise its repeating batches and pull ahead.
 # Exactness of weights and moments is pinned above, inside the engines; this guards the trainer's
 # side (a resume that lost its weights, diverged, or fed the wrong data would leave the band).
-LOSS_TOLERANCE = 0.10
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """32 pairs in 4 shards of 8: every rank count here (1, 2) reads whole shards."""
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(root / "train", 32, shard_size=8, image_size=32)
-    return root
+LOSS_TOLERANCE = 0.05  # measured: 0.6-1.1% (2026-11-29)
 
 
 def _train(launcher: list[str], corpus, out, name: str, batch: int, **extra) -> tuple:
@@ -145,7 +138,7 @@ def _train(launcher: list[str], corpus, out, name: str, batch: int, **extra) -> 
         "run.name": name, "data.batch_size": batch, "data.eval": "''", "data.eval_zeroshot": "''",
         "data.workers": 0, "train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 4,
         "train.keep_checkpoints": 4, "model.name": "micro-vit", "optim.warmup_steps": 2,
-        "objective.name": "infonce", "data.shuffle_buffer": 8, **extra})
+        "objective.name": "infonce", **extra})
     proc = run(launcher + [RECIPE] + overrides, timeout=400)
     log = (out / name / "logs" / "train-rank0.log").read_text() if (out / name / "logs").exists() else ""
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -171,14 +164,14 @@ def _continues(resumed: dict, reference: dict, first: int) -> None:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("zero", [1, 3])  # ZeRO 2 runs ZeRO 1's code; the engines' tests above run it
-def test_universal_resume_two_ranks_to_one_and_back(corpus, tmp_path, zero):
+def test_universal_resume_two_ranks_to_one_and_back(tiny_corpus, tmp_path, zero):
     """2 ranks x 8 (A) to step 16; 1 rank x 16 from A's step 4 (B); 2 ranks x 8 from B's step 8
     (C): the same global batch throughout."""
     stage = {"engine.zero_stage": zero}
-    reference, _ = _train(torchrun_command(), corpus, tmp_path, "a", 8, **stage)
-    down, log_down = _train(train_command(), corpus, tmp_path, "b", 16, **stage,
+    reference, _ = _train(torchrun_command(), tiny_corpus, tmp_path, "a", 8, **stage)
+    down, log_down = _train(train_command(), tiny_corpus, tmp_path, "b", 16, **stage,
                             **{"run.resume": _resumed_from(tmp_path, "a", 4)})
-    up, log_up = _train(torchrun_command(), corpus, tmp_path, "c", 8, **stage,
+    up, log_up = _train(torchrun_command(), tiny_corpus, tmp_path, "c", 8, **stage,
                         **{"run.resume": _resumed_from(tmp_path, "b", 8)})
     assert f"resuming a checkpoint of 2 rank(s) on 1 at ZeRO {zero} through DeepSpeed's universal" in log_down
     assert f"resuming a checkpoint of 1 rank(s) on 2 at ZeRO {zero} through DeepSpeed's universal" in log_up
@@ -189,10 +182,10 @@ def test_universal_resume_two_ranks_to_one_and_back(corpus, tmp_path, zero):
 
 
 @pytest.mark.timeout(600)
-def test_sgd_in_lookahead_resumes_as_a_warm_start(corpus, tmp_path):
+def test_sgd_in_lookahead_resumes_as_a_warm_start(tiny_corpus, tmp_path):
     sgd = {"engine.zero_stage": 2, "optim.name": "sgd", "optim.lr": 0.05, "optim.lookahead_k": 5}
-    reference, _ = _train(torchrun_command(), corpus, tmp_path, "a", 8, **sgd)
-    down, log = _train(train_command(), corpus, tmp_path, "b", 16, **sgd,
+    reference, _ = _train(torchrun_command(), tiny_corpus, tmp_path, "a", 8, **sgd)
+    down, log = _train(train_command(), tiny_corpus, tmp_path, "b", 16, **sgd,
                        **{"run.resume": _resumed_from(tmp_path, "a", 4)})
     assert "resuming a checkpoint of 2 rank(s) on 1 at ZeRO 2 through a warm start" in log
     assert "fresh sgd in Lookahead state" in log
