@@ -163,7 +163,7 @@ def _continues(resumed: dict, reference: dict, first: int) -> None:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("zero", [1, 3])  # ZeRO 2 runs ZeRO 1's code; the engines' tests above run it
+@pytest.mark.parametrize("zero", [3])  # ZeRO 1 and 2: the engines' tests above, both ways
 def test_universal_resume_two_ranks_to_one_and_back(tiny_corpus, tmp_path, zero):
     """2 ranks x 8 (A) to step 16; 1 rank x 16 from A's step 4 (B); 2 ranks x 8 from B's step 8
     (C): the same global batch throughout."""

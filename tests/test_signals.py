@@ -23,7 +23,7 @@ from test_multiprocess import rank_pid
 
 EXIT_INTERRUPTED = 75
 STEPS = 12
-RUNS = int(os.environ.get("CLIPLITE_SIGNAL_RUNS", "4"))  # CI: 12
+RUNS = int(os.environ.get("CLIPLITE_SIGNAL_RUNS", "3"))  # CI: 12
 SEED = int(os.environ.get("CLIPLITE_SIGNAL_SEED", "20261129"))
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # The interpreter's own start and the CLI's first imports come before any code of ours can catch
