@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import yaml
 
-from cliplite_dist.data.shards import ShardError, parse_weights, uses_pipe
+from cliplite_dist.shardspec import ShardError, parse_weights, uses_pipe
 
 
 class ConfigError(ValueError):

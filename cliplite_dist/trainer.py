@@ -29,7 +29,7 @@ from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadDa
                                            too_much_bad_data)
 from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, SharedMemoryShortfall, ShardStream, as_raised, \
     check_shared_memory, make_loader
-from cliplite_dist.data.shards import ShardError, all_urls, count_samples, resolve_corpora
+from cliplite_dist.data.shards import all_urls, count_samples, resolve_corpora
 from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
 from cliplite_dist.data.synthetic import ensure_corpus
 from cliplite_dist.data.tokens import BatchTokenizer
@@ -40,6 +40,7 @@ from cliplite_dist.evaluate import tasks
 from cliplite_dist.evaluate.embed import DistributedEmbedder
 from cliplite_dist.metrics import MetricLogger
 from cliplite_dist.models import average_batchnorm_statistics, build_model, image_size
+from cliplite_dist.shardspec import ShardError
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again to resume
 EXIT_BAD_DATA = 65  # EX_DATAERR: the data cannot be read (or too much of it is bad); not worth a requeue

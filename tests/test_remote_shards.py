@@ -15,7 +15,8 @@ from cliplite_dist.config import ConfigError, load_config
 from cliplite_dist.data.badsamples import BadDataCounter
 from cliplite_dist.data.opener import ShardOpener, cache_path
 from cliplite_dist.data.reader import iterate_samples
-from cliplite_dist.data.shards import ShardError, count_samples, expand_urls, resolve_corpora
+from cliplite_dist.data.shards import count_samples, expand_urls, resolve_corpora
+from cliplite_dist.shardspec import ShardError
 from runkit import RECIPE, free_port, metric_steps, run, tiny_overrides, train_command
 
 SHARDS = "train/train-{00000..00002}.tar"

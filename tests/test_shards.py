@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from cliplite_dist.data.shards import ShardError, count_samples, expand_urls, share_for_slot
+from cliplite_dist.data.shards import count_samples, expand_urls, share_for_slot
+from cliplite_dist.shardspec import ShardError
 from shardkit import write_shards
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import fsspec
 
 from cliplite_dist.config import is_remote
-from cliplite_dist.data.shards import PIPE_PREFIX
+from cliplite_dist.shardspec import PIPE_PREFIX
 
 
 class PipeStream:

@@ -14,13 +14,7 @@ from dataclasses import dataclass
 import braceexpand
 import fsspec
 
-
-PIPE_PREFIX = "pipe:"  # a shard URL that is a shell command (data.allow_pipe)
-
-
-class ShardError(ValueError):
-    """A shard spec that names nothing readable; the message says which part."""
-
+from cliplite_dist.shardspec import PIPE_PREFIX, ShardError, parse_weights, split_corpora
 
 def _is_dir(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(url)
@@ -52,27 +46,6 @@ class Corpus:
 
     urls: tuple[str, ...]
     weight: float = 1.0
-
-
-def split_corpora(spec: str) -> list[str]:
-    parts = [part.strip() for part in spec.split("::")]
-    if not all(parts):
-        raise ShardError(f"empty corpus in shard spec {spec!r}")
-    return parts
-
-
-def parse_weights(weights: str, spec: str) -> list[float]:
-    """One positive weight per `::` corpus of `spec` ("1;3"); all 1 when `weights` is empty."""
-    count = len(split_corpora(spec))
-    if not weights.strip():
-        return [1.0] * count
-    try:
-        values = [float(w) for w in weights.split(";")]
-    except ValueError:
-        raise ShardError(f"weights {weights!r}: expected numbers separated by ';'") from None
-    if len(values) != count or min(values) <= 0:
-        raise ShardError(f"weights {weights!r}: need {count} positive number(s), one per '::' corpus of {spec!r}")
-    return values
 
 
 def _expand_corpus(corpus: str) -> list[str]:
@@ -132,10 +105,6 @@ def count_samples(urls: list[str]) -> int:
                 f"(shard name -> count) or img2dataset _stats.json files beside the shards")
         total += cache[directory][name]
     return total
-
-
-def uses_pipe(spec: str) -> bool:
-    return any(corpus.strip().startswith(PIPE_PREFIX) for corpus in spec.split("::"))
 
 
 @dataclass(frozen=True)
