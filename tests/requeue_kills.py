@@ -9,26 +9,12 @@ from pathlib import Path
 
 from cliplite_dist.config import load_config
 from cliplite_dist.trainer import train
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    return children
+from runkit import descendants
 
 
 def kill_the_job() -> None:
-    children, doomed = _children(), []
-    todo = [int(pid) for pid in Path(os.environ["CLIPLITE_TEST_JOB_PIDS"]).read_text().split()]
-    while todo:
-        pid = todo.pop()
-        doomed.append(pid)
-        todo.extend(children.get(pid, []))
+    listed = [int(pid) for pid in Path(os.environ["CLIPLITE_TEST_JOB_PIDS"]).read_text().split()]
+    doomed = [found for pid in listed for found in (pid, *descendants(pid))]
     for pid in sorted(doomed, key=lambda p: p == os.getpid()):  # this process last
         try:
             os.kill(pid, signal.SIGKILL)

@@ -68,6 +68,13 @@ def torchrun_command(nproc: int = 2) -> list[str]:
             f"--master_port={free_port()}", "-m", "cliplite_dist"]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`: children, theirs, and so on (torchrun's workers start their own
+    sessions, so a process group would miss them)."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found] + [grand for child in found for grand in descendants(int(child))]
+
+
 def run(cmd: list[str], timeout: int = 300, **extra_env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=clean_env(**extra_env), capture_output=True, text=True, timeout=timeout)
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from runkit import RECIPE, clean_env, metric_steps, tiny_overrides, torchrun_command, train_command
+from runkit import RECIPE, clean_env, descendants, metric_steps, tiny_overrides, torchrun_command, train_command
 from test_multiprocess import rank_pid
 
 EXIT_INTERRUPTED = 75
@@ -43,11 +43,6 @@ def _start(cmd: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _descendants(pid: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(child) for child in found] + [grand for child in found for grand in _descendants(int(child))]
-
-
 def _target(proc: subprocess.Popen, world: int, rank: int) -> int | None:
     """The process to signal: the trainer itself on 1 rank, torchrun's worker of `rank` on 2 (a
     signal to torchrun's agent is torchrun's business); None until it exists."""
@@ -68,7 +63,7 @@ def _signal_at(proc: subprocess.Popen, world: int, rank: int, signum: int, momen
         if target is not None and appeared is None:
             appeared = time.monotonic()
         if appeared is not None and time.monotonic() - appeared >= moment:
-            for pid in [target, *_descendants(target)]:
+            for pid in [target, *descendants(target)]:
                 try:
                     os.kill(pid, signum)
                 except ProcessLookupError:
