@@ -236,6 +236,12 @@ class RunDirSync:
         return {path.rsplit("/", 2)[-2] for path in
                 self.fs.glob(f"{self.root}/{CHECKPOINTS}/*/{checkpoint.COMPLETE}")}
 
+    def _files_under(self, prefix: str) -> dict[str, dict]:
+        """Remote files below `prefix` with their info. s3fs's find falls back to info(prefix)
+        when its listing comes back empty, so another node's upload landing in between would
+        list the prefix itself as a "directory": keep files only."""
+        return {path: info for path, info in self.fs.find(prefix, detail=True).items() if info["type"] == "file"}
+
     def remote_complete(self) -> list[str]:
         """Complete remote checkpoints (COMPLETE and every node's marker), oldest first."""
         base = f"{self.root}/{CHECKPOINTS}"
@@ -259,7 +265,7 @@ class RunDirSync:
         metrics.jsonl grow by appending: the longer copy is the newer). Returns this directory's
         markers of checkpoints without COMPLETE (a save that died): stale, to be deleted before
         a later save of the same step could make them vouch for it."""
-        listing = self.fs.find(self.root, detail=True)  # raises for a missing bucket
+        listing = self._files_under(self.root)  # raises for a missing bucket
         with_complete = {_tag_of(path[len(self.root) + 1:]) for path in listing
                          if path.endswith("/" + checkpoint.COMPLETE)}
         mine = {f"{NODE_MARKER}{n}" for n in self.nodes}
@@ -299,7 +305,7 @@ class RunDirSync:
             part = ckpt / f".pull-{remote}"
             shutil.rmtree(part, ignore_errors=True)
             prefix = f"{self.root}/{CHECKPOINTS}/{remote}"
-            names = [path[len(prefix) + 1:] for path in self.fs.find(prefix)]
+            names = [path[len(prefix) + 1:] for path in self._files_under(prefix)]
             names = [n for n in names if not n.rsplit("/", 1)[-1].startswith(NODE_MARKER)]
             for name in sorted(names, key=lambda n: n == checkpoint.COMPLETE):  # COMPLETE last, as saved
                 (part / name).parent.mkdir(parents=True, exist_ok=True)

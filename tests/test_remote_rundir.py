@@ -37,7 +37,10 @@ def url(s3_env):
 
 def remote_files(s3_server, url: str) -> dict[str, bytes]:
     fs, root = s3_server.filesystem(), url.removeprefix("s3://")
-    return {path[len(root) + 1:]: fs.cat_file(path) for path in fs.find(root)}
+    # s3fs's find falls back to info(root) when its listing is empty; an upload landing between the
+    # two makes it return root itself as a "directory", so keep files only.
+    found = fs.find(root, detail=True)
+    return {path[len(root) + 1:]: fs.cat_file(path) for path, info in found.items() if info["type"] == "file"}
 
 
 def save(run_dir, step: int, files=("mp_rank_00_model_states.pt", "trainer_state_rank0.pt"), nodes: int = 1,
