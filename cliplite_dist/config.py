@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import yaml
@@ -23,6 +23,45 @@ from cliplite_dist.shardspec import ShardError, parse_weights, uses_pipe
 
 class ConfigError(ValueError):
     """A recipe or override that cannot describe a valid run; the message names key and value."""
+
+
+# Every choice a config offers, declared once; `validate` checks each field typed with one.
+ObjectiveName = Literal["cliplite", "infonce", "siglip"]
+CriticHead = Literal["mlp", "linear"]
+HeadNorm = Literal["batch", "sync_batch", "layer"]
+Negatives = Literal["shift", "random", "cross_rank"]
+Prior = Literal["reference", "adversarial"]
+ResizeOn = Literal["auto", "worker", "device"]
+Augment = Literal["open_clip", "paper"]
+OptimizerName = Literal["adamw", "sgd"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ZeroStage = Literal[0, 1, 2, 3]
+
+
+def choices(choice_type) -> tuple:
+    """The values of one of the choice types above, in declaration order."""
+    return typing.get_args(choice_type)
+
+
+def check_choice(key: str, value: Any, choice_type) -> None:
+    """Reject a value that is not one of `choice_type`'s, naming the key, the value and the choices."""
+    if value not in choices(choice_type):
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices(choice_type)))}")
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """fp16 runs on CUDA only (DeepSpeed's loss scaler and fused kernels); checked at load for
+    engine.device=cpu and again once "auto" has picked the device."""
+    if precision == "fp16" and device_type != "cuda":
+        raise ConfigError("engine.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+
+
+def check_choices(section: Any, prefix: str) -> None:
+    """`check_choice` on every field of a config section (a dataclass) typed with a choice type."""
+    for name, typ in _field_types(type(section)).items():
+        if typing.get_origin(typ) is Literal:
+            check_choice(f"{prefix}.{name}", getattr(section, name), typ)
 
 
 @dataclass
@@ -42,20 +81,20 @@ class ObjectiveConfig:
     siglip.
     """
 
-    name: str = "cliplite"
-    head: str = "mlp"  # cliplite critic head: "mlp" (encode-and-dot block) or "linear"
+    name: ObjectiveName = "cliplite"
+    head: CriticHead = "mlp"  # cliplite critic head: "mlp" (encode-and-dot block) or "linear"
     # mlp head's branch norm: "batch" (the reference: BatchNorm1d, statistics of each rank's batch),
     # "sync_batch" (BatchNorm1d over the global batch of all ranks) or "layer" (LayerNorm, per row)
-    head_norm: str = "batch"
+    head_norm: HeadNorm = "batch"
     head_hidden: int = 0  # width of the mlp branch; 0 -> same as the tower embedding
     head_dim: int = 0  # output width of the critic heads; 0 -> same as the tower embedding
-    negatives: str = "shift"  # shift | random | cross_rank
+    negatives: Negatives = "shift"
     temperature_init: float = 0.0  # initial multiplier, learned as its log; 0 -> the objective's paper value
     temperature_max: float = 100.0  # clamp on exp(log_temperature), applied inside forward
     bias_init: float = -10.0  # siglip's learned logit bias (the paper's init)
     # cliplite prior: "reference" (the paper's code: Deep InfoMax prior on image and text features,
     # loss (1 - w) JSD + w prior) or "adversarial" (image only, through gradient reversal, JSD + w prior)
-    prior: str = "reference"
+    prior: Prior = "reference"
     prior_weight: float = 0.0  # w above; 0 disables the prior (the paper's code used 0.1)
 
 
@@ -98,11 +137,11 @@ class DataConfig:
     # Where a training crop is resized to the model's input: "worker" (data-loader workers, on
     # CPU), "device" (workers only decode and crop; the training device resizes), "auto" (device
     # when training on CUDA). Resizing is a third of a worker's time per 256 px image.
-    resize_on: str = "auto"
+    resize_on: ResizeOn = "auto"
     # Training augmentation (cliplite_dist/data/augment.py): "open_clip" (the model's crop, nothing
     # else) or "paper" (CLIP-Lite's: crop scale (0.2, 1), a flip that swaps left/right in the
     # caption, colour jitter; flip and jitter applied on the training device).
-    augment: str = "open_clip"
+    augment: Augment = "open_clip"
     allow_pipe: bool = False  # pipe:COMMAND shard URLs run shell commands: only when the recipe says so
     train_weights: str = ""  # resampled mixing: one weight per `::` corpus of data.train, e.g. "1;3"
     cache_dir: str = ""  # keep remote shards here after their first complete read (node-local disk)
@@ -122,7 +161,7 @@ class OptimConfig:
     its CNN with SGD at 0.2 and the text side at 1e-3, inside Lookahead (k 5, alpha 0.5).
     """
 
-    name: str = "adamw"  # adamw | sgd
+    name: OptimizerName = "adamw"
     lr: float = 1e-3
     image_lr: float = 0.0
     text_lr: float = 0.0
@@ -144,9 +183,9 @@ class EngineConfig:
     """DeepSpeed settings. "auto" picks CUDA where available, else CPU; and bf16 on GPUs that
     compute in it (compute capability 8.0 on: A100, H100 ...), fp16 on older GPUs, fp32 on CPU."""
 
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    zero_stage: int = 0
+    device: Device = "auto"
+    precision: Precision = "auto"
+    zero_stage: ZeroStage = 0
 
 
 @dataclass
@@ -206,19 +245,6 @@ def is_remote(url: str) -> bool:
     return fsspec.utils.get_protocol(url) not in ("file", "local")
 
 
-CHOICES: dict[str, tuple] = {
-    "objective.name": ("cliplite", "infonce", "siglip"),
-    "objective.head": ("mlp", "linear"),
-    "objective.head_norm": ("batch", "sync_batch", "layer"),
-    "objective.negatives": ("shift", "random", "cross_rank"),
-    "objective.prior": ("reference", "adversarial"),
-    "data.resize_on": ("auto", "worker", "device"),
-    "data.augment": ("open_clip", "paper"),
-    "optim.name": ("adamw", "sgd"),
-    "engine.device": ("auto", "cpu", "cuda"),
-    "engine.precision": ("auto", "fp32", "bf16", "fp16"),
-    "engine.zero_stage": (0, 1, 2, 3),
-}
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -336,10 +362,9 @@ def _get(cfg: Config, key: str) -> Any:
 
 def validate(cfg: Config) -> None:
     """Reject configurations that would fail later, naming the key and the value."""
-    for key, choices in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+    for section in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, section.name)):
+            check_choices(getattr(cfg, section.name), section.name)
     positive = ["data.batch_size", "data.eval_batch_size", "train.steps", "train.log_every",
                 "optim.grad_accum", "train.keep_checkpoints"]
     for key in positive:
@@ -374,21 +399,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.resampled=true needs data.samples_per_epoch (samples per virtual epoch)")
     if not cfg.data.caption_key == "txt" and not cfg.data.caption_key.startswith("json:"):
         raise ConfigError(f"data.caption_key={cfg.data.caption_key!r}: use 'txt' or 'json:FIELD'")
-    if cfg.objective.name == "cliplite" and cfg.objective.negatives != "cross_rank" and cfg.data.batch_size < 2:
-        raise ConfigError("data.batch_size must be >= 2 for cliplite: the negative caption comes from the local batch")
     if cfg.objective.temperature_init < 0 or cfg.objective.temperature_max < cfg.objective.temperature_init:
         raise ConfigError(f"objective.temperature_init={cfg.objective.temperature_init!r} must be >= 0 (0: the "
                           f"objective's paper value) and <= objective.temperature_max={cfg.objective.temperature_max!r}")
     if not 0.0 < cfg.optim.lookahead_alpha <= 1.0:
         raise ConfigError(f"optim.lookahead_alpha={cfg.optim.lookahead_alpha!r} must be within (0, 1]")
-    if cfg.objective.head == "mlp" and cfg.objective.head_norm == "batch" and cfg.data.batch_size < 2 \
-            and cfg.objective.name == "cliplite":
-        raise ConfigError("data.batch_size must be >= 2 for objective.head_norm=batch: BatchNorm needs two rows "
-                          "per rank (objective.head_norm=sync_batch takes its statistics over all ranks)")
+    objective = cfg.objective
+    if objective.name == "cliplite" and cfg.data.batch_size < 2:
+        needs = [why for why, applies in (
+            ("the negative caption comes from the local batch (objective.negatives=cross_rank takes it from "
+             "another rank)", objective.negatives != "cross_rank"),
+            ("objective.head_norm=batch needs two rows per rank (sync_batch takes its statistics over all ranks)",
+             objective.head == "mlp" and objective.head_norm == "batch")) if applies]
+        if needs:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 2 for cliplite: {'; '.join(needs)}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio!r} must be within [0, 1]")
-    if cfg.engine.device == "cpu" and cfg.engine.precision == "fp16":
-        raise ConfigError("engine.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.engine.device == "cpu":
+        check_precision(cfg.engine.precision, "cpu")
     check_bf16_accumulation(cfg, cfg.engine.precision)
     if cfg.data.synthetic.train_samples > 0 and not cfg.data.synthetic.dir:
         raise ConfigError("data.synthetic.dir must name where to write the synthetic shards")

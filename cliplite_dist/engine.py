@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cliplite_dist.config import Config, EngineConfig, OptimConfig, check_bf16_accumulation
+from cliplite_dist.config import Config, EngineConfig, OptimConfig, check_bf16_accumulation, check_precision
 from cliplite_dist.lookahead import Lookahead
 
 PARTS = ("image", "text", "critic")
@@ -31,8 +31,7 @@ def resolve_precision(cfg: EngineConfig, device: torch.device) -> str:
     """bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU, unless the recipe says
     otherwise."""
     if cfg.precision != "auto":
-        if cfg.precision == "fp16" and device.type != "cuda":
-            raise ValueError("engine.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+        check_precision(cfg.precision, device.type)
         return cfg.precision
     if device.type != "cuda":
         return "fp32"

@@ -13,7 +13,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
-from cliplite_dist.config import CHOICES, DataConfig
+from cliplite_dist.config import Augment, DataConfig, choices
 from cliplite_dist.data.augment import (JITTER_OPS, PRESETS, Augmented, adjust_brightness, adjust_contrast, adjust_hue,
                                         adjust_saturation, swap_left_right, unwrap_augmented)
 from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages
@@ -28,7 +28,7 @@ TORCHVISION_OPS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, 
 
 
 def test_presets_are_the_configs_choices_and_open_clip_is_the_default():
-    assert tuple(PRESETS) == CHOICES["data.augment"]
+    assert tuple(PRESETS) == choices(Augment)
     assert DataConfig().augment == "open_clip"
 
 

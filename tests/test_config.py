@@ -67,3 +67,46 @@ def test_missing_train_shards_and_bad_override_syntax():
 def test_missing_recipe_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_every_choice_field_is_checked_and_the_message_lists_the_choices():
+    """Choices are declared once, as Literal field types; validate finds every such field."""
+    import dataclasses
+    import typing
+
+    from cliplite_dist.config import Config, choices
+
+    checked = 0
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, typ in typing.get_type_hints(cls).items():
+            if typing.get_origin(typ) is not typing.Literal:
+                continue
+            wrong = "nonsense" if isinstance(choices(typ)[0], str) else 99
+            with pytest.raises(ConfigError) as err:
+                load_config(None, ["data.train=/x.tar", f"{section.name}.{name}={wrong}"])
+            assert f"{section.name}.{name}={wrong!r}" in str(err.value)
+            assert ", ".join(map(str, choices(typ))) in str(err.value)
+            checked += 1
+    assert checked >= 11
+
+
+@pytest.mark.parametrize("overrides, reasons", [
+    ([], ["negative caption", "head_norm=batch"]),
+    (["objective.negatives=cross_rank"], ["head_norm=batch"]),
+    (["objective.head_norm=layer"], ["negative caption"]),
+    (["objective.negatives=cross_rank", "objective.head_norm=layer"], []),
+    (["objective.negatives=cross_rank", "objective.head=linear"], []),
+    (["objective.name=infonce"], []),
+])
+def test_cliplite_at_batch_one_says_every_reason_it_cannot_run(overrides, reasons):
+    args = ["data.train=/x.tar", "data.batch_size=1", *overrides]
+    if not reasons:
+        assert load_config(None, args).data.batch_size == 1
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(None, args)
+    assert "data.batch_size=1" in str(err.value) and all(reason in str(err.value) for reason in reasons)
+    assert len(reasons) == 2 or not any(r in str(err.value) for r in {"negative caption", "head_norm=batch"} - set(reasons))

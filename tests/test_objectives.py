@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -22,9 +23,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from cliplite_dist.config import CHOICES, ObjectiveConfig
+from cliplite_dist.config import Negatives, ObjectiveConfig, choices
 from cliplite_dist.objectives import CLIPLite, InfoNCE, ObjectiveOutput, SigLIP, build_objective
-from cliplite_dist.objectives.cliplite import NEGATIVES, EncodeAndDotHead, GlobalBatchNorm1d, random_derangement
+from cliplite_dist.objectives.cliplite import EncodeAndDotHead, GlobalBatchNorm1d, random_derangement
 
 B, DIN, D = 4, 6, 5  # rows per rank, tower input width, embedding width
 
@@ -154,7 +155,7 @@ def _count_calls(fn) -> int:
 def _scenario_comm_counts(rank: int, world: int) -> dict:
     """Communication calls in forward + backward of each objective, inside a real group."""
     x_img, x_txt = (_local_rows(x, rank) for x in _batch(world))
-    models = {negatives: Model(CLIPLite(D, negatives=negatives, prior_weight=0.1)) for negatives in NEGATIVES}
+    models = {negatives: Model(CLIPLite(D, negatives=negatives, prior_weight=0.1)) for negatives in choices(Negatives)}
     models["infonce"], models["siglip"] = _infonce_model(), _siglip_model()
     return {name: _count_calls(lambda m=model: m(x_img, x_txt).loss.backward()) for name, model in models.items()}
 
@@ -321,7 +322,7 @@ def test_random_negatives_with_two_rows_pair_the_other_caption():
     torch.testing.assert_close(out.metrics["neg_score"], expected.detach())
 
 
-@pytest.mark.parametrize("negatives", NEGATIVES)
+@pytest.mark.parametrize("negatives", choices(Negatives))
 def test_batch_of_one_is_a_clear_error(negatives):
     with pytest.raises(ValueError, match="batch size >= 2"):
         CLIPLite(3, negatives=negatives)(torch.randn(1, 3), torch.randn(1, 3))
@@ -462,7 +463,7 @@ def test_build_objective_and_errors():
         with pytest.raises(ValueError) as err:
             build_objective(ObjectiveConfig(**{key: "nonsense"}), 8)
         assert f"objective.{key}='nonsense'" in str(err.value)
-        assert ", ".join(CHOICES[f"objective.{key}"]) in str(err.value)
+        assert ", ".join(choices(typing.get_type_hints(ObjectiveConfig)[key])) in str(err.value)
 
 
 # ----------------------------------------------------------------------------- 8. critic head norms

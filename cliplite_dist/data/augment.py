@@ -66,7 +66,7 @@ class Preset:
         return SampleAugment(flip, factors, tuple(rng.sample(range(len(factors)), len(factors))))
 
 
-# The keys are config.CHOICES["data.augment"] (tests/test_augment.py checks they agree).
+# The keys are config.Augment's choices (tests/test_augment.py checks they agree).
 PRESETS: dict[str, Preset] = {
     "open_clip": Preset(),
     "paper": Preset(scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, jitter=0.8,

@@ -5,16 +5,14 @@ detached tensor metrics); see `base.Objective` for the interface.
 """
 from __future__ import annotations
 
-from cliplite_dist.config import CHOICES, ObjectiveConfig
+from cliplite_dist.config import ObjectiveConfig, check_choices
 from cliplite_dist.objectives import cliplite, infonce, siglip
-from cliplite_dist.objectives.base import Objective, ObjectiveOutput, check_choice
+from cliplite_dist.objectives.base import Objective, ObjectiveOutput
 from cliplite_dist.objectives.cliplite import CLIPLite
 from cliplite_dist.objectives.infonce import InfoNCE
 from cliplite_dist.objectives.siglip import SigLIP
 
-OBJECTIVES = CHOICES["objective.name"]
-
-__all__ = ["Objective", "ObjectiveOutput", "CLIPLite", "InfoNCE", "SigLIP", "build_objective", "OBJECTIVES"]
+__all__ = ["Objective", "ObjectiveOutput", "CLIPLite", "InfoNCE", "SigLIP", "build_objective"]
 
 
 def build_objective(cfg: ObjectiveConfig, embed_dim: int) -> Objective:
@@ -24,8 +22,7 @@ def build_objective(cfg: ObjectiveConfig, embed_dim: int) -> Objective:
     10 for SigLIP). Every choice is validated whichever objective uses it, so a typo never passes
     silently.
     """
-    for key in ("name", "head", "head_norm", "negatives", "prior"):
-        check_choice(f"objective.{key}", getattr(cfg, key), CHOICES[f"objective.{key}"])
+    check_choices(cfg, "objective")
     if cfg.name == "infonce":
         return InfoNCE(cfg.temperature_init or infonce.PAPER_TEMPERATURE, cfg.temperature_max)
     if cfg.name == "siglip":

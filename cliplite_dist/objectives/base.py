@@ -69,12 +69,6 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    """Reject an unknown option, naming the key, the bad value and the valid choices."""
-    if value not in choices:
-        raise ValueError(f"{key}={value!r} is not one of: {', '.join(choices)}")
-
-
 def check_pairs(image_emb: torch.Tensor, text_emb: torch.Tensor) -> int:
     """The local batch size b; rows are pairs, so both towers must give the same number of rows."""
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[0] != text_emb.shape[0]:

@@ -8,7 +8,7 @@ score each matched pair high and exactly one mismatched pair per image low:
 and 2 log 2 - JSD loss is the JSD MI estimate in nats. One negative per positive is what makes it
 cheap: the default negatives come from the local batch, so the loss needs no communication.
 With a prior (prior_weight w > 0) the loss is (1 - w) JSD + w prior, as in the paper's code, or
-JSD + w prior for our adversarial variant (`PRIORS`).
+JSD + w prior for our adversarial variant (`config.Prior`).
 """
 from __future__ import annotations
 
@@ -18,15 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliplite_dist.config import CHOICES
+from cliplite_dist.config import CriticHead, HeadNorm, Negatives, Prior, check_choice
 from cliplite_dist.norms import BatchNorm1dFp32Statistics
-from cliplite_dist.objectives.base import Objective, ObjectiveOutput, check_choice, check_pairs, normalize
+from cliplite_dist.objectives.base import Objective, ObjectiveOutput, check_pairs, normalize
 from cliplite_dist.objectives.gather import all_reduce_sum, from_previous_rank, world
 
-HEADS = CHOICES["objective.head"]
-HEAD_NORMS = CHOICES["objective.head_norm"]
-NEGATIVES = CHOICES["objective.negatives"]
-PRIORS = CHOICES["objective.prior"]
 PAPER_TEMPERATURE = 1 / 0.07  # the reference code's initial critic multiplier (CLIP's too)
 
 
@@ -61,8 +57,8 @@ class GlobalBatchNorm1d(BatchNorm1dFp32Statistics):
         return out.to(x.dtype)
 
 
-def _branch_norm(kind: str, width: int) -> nn.Module:
-    check_choice("objective.head_norm", kind, HEAD_NORMS)
+def _branch_norm(kind: HeadNorm, width: int) -> nn.Module:
+    check_choice("objective.head_norm", kind, HeadNorm)
     return {"batch": BatchNorm1dFp32Statistics, "sync_batch": GlobalBatchNorm1d, "layer": nn.LayerNorm}[kind](width)
 
 
@@ -77,7 +73,7 @@ class EncodeAndDotHead(nn.Module):
     which normalises each row alone and so needs no batch at all.
     """
 
-    def __init__(self, dim_in: int, hidden: int, dim_out: int, norm: str = "batch"):
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, norm: HeadNorm = "batch"):
         super().__init__()
         self.branch = nn.Sequential(
             nn.Linear(dim_in, hidden, bias=False), _branch_norm(norm, hidden), nn.ReLU(), nn.Linear(hidden, dim_out))
@@ -91,8 +87,8 @@ class EncodeAndDotHead(nn.Module):
         return self.norm(self.branch(x) + self.shortcut(x))
 
 
-def build_head(kind: str, dim_in: int, hidden: int, dim_out: int, norm: str = "batch") -> nn.Module:
-    check_choice("objective.head", kind, HEADS)
+def build_head(kind: CriticHead, dim_in: int, hidden: int, dim_out: int, norm: HeadNorm = "batch") -> nn.Module:
+    check_choice("objective.head", kind, CriticHead)
     if kind == "linear":
         return nn.Linear(dim_in, dim_out)
     return EncodeAndDotHead(dim_in, hidden, dim_out, norm)
@@ -197,13 +193,13 @@ class CLIPLite(Objective):
     one process). Only `cross_rank` and the `sync_batch` head norm communicate.
     """
 
-    def __init__(self, embed_dim: int, head: str = "mlp", head_hidden: int = 0, head_dim: int = 0,
-                 negatives: str = "shift", temperature_init: float = PAPER_TEMPERATURE,
-                 temperature_max: float = 100.0, prior_weight: float = 0.0, prior: str = "reference",
-                 head_norm: str = "batch"):
+    def __init__(self, embed_dim: int, head: CriticHead = "mlp", head_hidden: int = 0, head_dim: int = 0,
+                 negatives: Negatives = "shift", temperature_init: float = PAPER_TEMPERATURE,
+                 temperature_max: float = 100.0, prior_weight: float = 0.0, prior: Prior = "reference",
+                 head_norm: HeadNorm = "batch"):
         super().__init__(temperature_init, temperature_max)
-        check_choice("objective.negatives", negatives, NEGATIVES)
-        check_choice("objective.prior", prior, PRIORS)
+        check_choice("objective.negatives", negatives, Negatives)
+        check_choice("objective.prior", prior, Prior)
         if not 0 <= prior_weight < 1:
             raise ValueError(f"objective.prior_weight={prior_weight!r} must be in [0, 1) (0 disables the prior)")
         hidden, dim_out = head_hidden or embed_dim, head_dim or embed_dim
