@@ -20,7 +20,7 @@ Stages, measured on the same shards:
                   device, so a worker never does), resized in the worker (resize "worker", the
                   CPU default) or only drawn (resize "device", data.resize_on=device, the CUDA
                   default: the whole image and its box go to the device)
-  pipeline        ShardStream batches (read, shuffle block, decode, augment, caption pick,
+  pipeline        BatchStream batches (read, shuffle block, decode, augment, caption pick,
                   tokenise, batch); the simplejpeg rows are what the trainer runs (with the crop
                   resized on the device, JPEGs are decoded straight into the batch's shared
                   memory). Reported as % of the same decoder's decode-only ceiling and of
@@ -62,7 +62,7 @@ from torchvision import transforms as T
 
 from cliplite_dist.config import DataConfig, ModelConfig, SyntheticConfig
 from cliplite_dist.data.badsamples import BadDataCounter
-from cliplite_dist.data.pipeline import PREFETCH_BATCHES, SampleDecoder, ShardStream, configure_worker, make_loader
+from cliplite_dist.data.pipeline import PREFETCH_BATCHES, SampleDecoder, BatchStream, configure_worker, make_loader
 from cliplite_dist.data.reader import iterate_samples
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.synthetic import ensure_corpus
@@ -123,10 +123,10 @@ def make_decoder(decoder: str, pil_transform: T.Compose, resize: str = "worker")
 
 
 def make_stream(urls: list[str], decoder: SampleDecoder, tokenizer: Callable,
-                batch_size: int = BATCH_SIZE) -> ShardStream:
+                batch_size: int = BATCH_SIZE) -> BatchStream:
     """One rank's stream as the trainer builds it (rank 0 of 1; run in-process it is one slot)."""
     cfg = DataConfig(batch_size=batch_size, shuffle_buffer=SHUFFLE_BUFFER, caption_key=CAPTION_KEY)
-    return ShardStream([Corpus(tuple(urls))], cfg, decoder, tokenizer, rank=0, world_size=1, seed=0)
+    return BatchStream([Corpus(tuple(urls))], cfg, decoder, tokenizer, rank=0, world_size=1, seed=0)
 
 
 # ---- stages: each returns how many samples it processed -----------------------------------------
@@ -234,7 +234,7 @@ def stage_runner(cell: dict) -> Callable[[], int]:
     return lambda: pipeline_stage(batches, len(images) // BATCH_SIZE)
 
 
-def cell_stream(cell: dict) -> ShardStream:
+def cell_stream(cell: dict) -> BatchStream:
     """The trainer's stream over the cell's shards, with the cell's decoder and resize placement."""
     tower = towers(cell["model"])
     decoder = make_decoder(cell["decoder"], tower.train_transform, cell["resize"])

@@ -78,7 +78,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     else:
         # Fused AdamW (one kernel over all tensors) on CUDA and, since torch 2.4, on CPU: the default
-        # per-tensor loop was 7% of a tiny-ViT step on CPU here (benchmarks/vs_open_clip.py).
+        # per-tensor loop is a visible share of a small model's step (docs/design.md).
         fused = device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
     return Lookahead(optimizer, cfg.lookahead_k, cfg.lookahead_alpha) if cfg.lookahead_k else optimizer
@@ -150,6 +150,6 @@ def build_engine(model: nn.Module, cfg: Config, device: torch.device, load_unive
                                            config=deepspeed_config(cfg, precision, load_universal))
     if engine.world_size == 1 and cfg.engine.zero_stage == 0 and precision == "fp32":
         # One rank has nothing to average, but DeepSpeed would still flatten every gradient into
-        # buckets, all-reduce them over a group of one and copy them back (2% of a tiny-ViT step).
+        # buckets, all-reduce them over a group of one and copy them back.
         engine.enable_backward_allreduce = False
     return Engine(engine=engine, precision=precision, device=device)

@@ -17,7 +17,7 @@ from cliplite_dist.config import Augment, DataConfig, choices
 from cliplite_dist.data.augment import (JITTER_OPS, PRESETS, Augmented, adjust_brightness, adjust_contrast, adjust_hue,
                                         adjust_saturation, swap_left_right, unwrap_augmented)
 from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages
-from cliplite_dist.data.pipeline import BatchInfo, SampleDecoder, ShardStream, make_loader
+from cliplite_dist.data.pipeline import BatchInfo, SampleDecoder, BatchStream, make_loader
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.tarfiles import write_tar
 from cliplite_dist.data.transforms import DeviceTransform, crop_box, decode_uint8, uint8_train_transform
@@ -153,7 +153,7 @@ def test_flipped_images_and_only_they_get_captions_with_left_and_right_swapped(t
                             ("jpg", "png"), decode=decode_uint8)
     tokenizer = open_clip.SimpleTokenizer(context_length=24)
     cfg = DataConfig(train="x", batch_size=8, shuffle_buffer=4, record_keys=True, workers=1)
-    stream = ShardStream([Corpus((str(tmp_path / "s-00000.tar"),))], cfg, decoder, tokenizer, 0, 1, seed=1)
+    stream = BatchStream([Corpus((str(tmp_path / "s-00000.tar"),))], cfg, decoder, tokenizer, 0, 1, seed=1)
     device = DeviceTransform(PIL_TRANSFORM, torch.device("cpu"), torch.float32, resizes=not resize)
     torch.manual_seed(0)  # seeds the loader worker's Python RNG
     batches = iter(make_loader(stream, workers=1, pin_memory=False))

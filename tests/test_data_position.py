@@ -11,7 +11,7 @@ from torchvision import transforms
 
 from cliplite_dist.config import ConfigError, DataConfig, load_config
 from cliplite_dist.data.badsamples import BAD_KINDS, exceeds, fractions, too_much_bad_data
-from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, ShardStream, make_loader
+from cliplite_dist.data.pipeline import DataProgress, SampleDecoder, BatchStream, make_loader
 from cliplite_dist.data.shards import Corpus, expand_corpora
 from runkit import RECIPE
 from shardkit import write_shards
@@ -22,7 +22,7 @@ TRANSFORM = transforms.Compose([transforms.Resize(8), transforms.ToTensor()])
 
 def make_stream(corpora, rank=0, world=1, **data):
     cfg = DataConfig(train="x", **{"batch_size": 4, "shuffle_buffer": 6, "record_keys": True, **data})
-    return ShardStream(corpora, cfg, SampleDecoder(TRANSFORM, "txt", ("jpg",)), TOKENIZER, rank, world, seed=3)
+    return BatchStream(corpora, cfg, SampleDecoder(TRANSFORM, "txt", ("jpg",)), TOKENIZER, rank, world, seed=3)
 
 
 def batches(stream, workers, epoch, count, first_reader=0, starts=None):

@@ -15,7 +15,7 @@ from cliplite_dist.config import DataConfig
 from cliplite_dist.data.handoff import SharedBuffers, collate_batch, collate_jpegs
 from cliplite_dist.data.imagebatch import BoxedImage, RaggedImages
 from cliplite_dist.data.jpeg import decode_jpeg, decode_jpeg_into, jpeg_size
-from cliplite_dist.data.pipeline import SampleDecoder, ShardStream
+from cliplite_dist.data.pipeline import SampleDecoder, BatchStream
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.tarfiles import write_tar
 from cliplite_dist.data.transforms import decode_torchvision, decode_uint8, uint8_train_transform
@@ -86,7 +86,7 @@ def test_device_resize_batches_hold_every_image_whole_with_its_box(tmp_path, wit
     decoder = SampleDecoder(uint8_train_transform(pil, resize=False), "txt", ("jpg", "png"), decode=decode_uint8)
     assert decoder.sends_whole_jpegs
     cfg = DataConfig(train="x", batch_size=4, shuffle_buffer=1, record_keys=True)
-    stream = ShardStream([Corpus((str(tmp_path / "s-00000.tar"),))], cfg, decoder,
+    stream = BatchStream([Corpus((str(tmp_path / "s-00000.tar"),))], cfg, decoder,
                          open_clip.SimpleTokenizer(context_length=16), 0, 1, seed=1)
     pixels = {key: decode_uint8(data) for key, _, data in samples if key != "damaged"}
     random.seed(0)

@@ -10,7 +10,7 @@ from torchvision import transforms
 
 from cliplite_dist.config import DataConfig
 from cliplite_dist.data.badsamples import BadDataCounter, BadDataTally
-from cliplite_dist.data.pipeline import SampleDecoder, ShardStream, make_loader
+from cliplite_dist.data.pipeline import SampleDecoder, BatchStream, make_loader
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.slots import EmptyStreamError, SlotReader
 from shardkit import jpeg, write_shards
@@ -26,10 +26,10 @@ def decoder(caption_key="txt", first=False):
 def stream(urls, rank=0, world=1, **data):
     cfg = DataConfig(train="x", **{"batch_size": 4, "shuffle_buffer": 8, **data})
     corpora = urls if isinstance(urls[0], Corpus) else [Corpus(tuple(urls))]
-    return ShardStream(corpora, cfg, decoder(cfg.caption_key), TOKENIZER, rank, world, seed=1)
+    return BatchStream(corpora, cfg, decoder(cfg.caption_key), TOKENIZER, rank, world, seed=1)
 
 
-def one_pass_keys(s: ShardStream, slot: int, num_slots: int, count: int) -> list[str]:
+def one_pass_keys(s: BatchStream, slot: int, num_slots: int, count: int) -> list[str]:
     reader = SlotReader(s.corpora, False, 1, s.seed, 0, slot, num_slots, BadDataCounter(), s.opener)
     samples = reader.samples()
     return [next(samples)[0]["__key__"] for _ in range(count)]

@@ -112,8 +112,8 @@ def with_augment(item: Any, augment: SampleAugment | None) -> Any:
 class BatchAugment:
     """The flips and colour jitter of a batch's samples (`SampleAugment`'s fields, one tuple per
     field, in batch order). Plain tuples: it travels in the batch's BatchInfo, pickled with it
-    from the loader worker (tuples pickle ten times faster than an object per sample, and no
-    tensor means no shared-memory descriptor of its own), and the device reads no number back."""
+    from the loader worker (tuples pickle much faster than an object per sample, and no tensor
+    means no shared-memory descriptor of its own), and the device reads no number back."""
 
     flips: tuple[bool, ...]
     jitters: tuple[tuple[float, float, float, float] | None, ...]

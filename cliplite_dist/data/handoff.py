@@ -1,20 +1,15 @@
 """Handing batches from a data-loader worker to the training process.
 
 The DataLoader pickles what a worker yields: a tensor not yet in shared memory is first copied
-into fresh shared memory, page by page (on the machine we measured, first touching a fresh 4 KiB
-page cost ~2 us, more than copying into it), and every shared buffer travels as a file
-descriptor through multiprocessing's resource sharer: a connection, an authentication handshake
-and a thread wake-up on each side, ~0.4 ms of CPU on each side per buffer. So a worker writes each
+into fresh shared memory, page by page, and every shared buffer travels as a file descriptor
+through multiprocessing's resource sharer (a connection, a handshake and a thread wake-up on
+each side); both cost more than the copy itself (docs/design.md). So a worker writes each
 batch, its images and token ids, into one of a few shared buffers it reuses (`SharedBuffers`),
 and a buffer's descriptor crosses once: the training process keeps the buffers it received, and
 later batches in one only say which it is and where their tensors lie in it (`HandOff`).
 
 A buffer is reused once the training process has released the batch in it
 (`pipeline.BatchInfo.release`); a batch nobody releases is never overwritten.
-
-Tried and left out: huge-page-advised mappings for the batch buffer (81% of the decode-only rate
-at 512 px against 86% with reused heap pages), and fresh shared memory per batch (it only saved
-the DataLoader's copy, which its feeder thread had been making in parallel with decoding).
 """
 from __future__ import annotations
 
@@ -161,7 +156,7 @@ class HandOff:
     each tensor in the buffer, plus the buffer's storage the first time (and for unpooled ones);
     unpickled in the training process as the plain (images, tokens, info) tuple."""
 
-    stream: int  # the ShardStream's id: its received buffers are dropped with it
+    stream: int  # the BatchStream's id: its received buffers are dropped with it
     buffers: SharedBuffers
     batch: tuple
 

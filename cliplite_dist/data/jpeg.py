@@ -1,11 +1,10 @@
 """JPEG decoding by libjpeg-turbo through simplejpeg, into a buffer of our choosing.
 
 Web corpora are JPEGs, and decoding them is most of a data-loader worker's time. simplejpeg
-drives the same libjpeg-turbo as torchvision.io (the same pixels: tests/test_jpeg.py) 7% faster
-at 256 px, and writes into a given buffer: a batch whose crops the training device cuts
+drives the same libjpeg-turbo as torchvision.io (the same pixels: tests/test_jpeg.py), a little
+faster, and writes into a given buffer: a batch whose crops the training device cuts
 (`data.resize_on=device`) is decoded straight into the shared memory the training process reads,
-with no copy after decoding (256 px: 328 us per image against 382 for torchvision.io's decode
-and the copy). JPEGs in other colour spaces (CMYK, YCCK: libjpeg-turbo's conversion differs
+with no copy after decoding (measurements: docs/design.md). JPEGs in other colour spaces (CMYK, YCCK: libjpeg-turbo's conversion differs
 from PIL's) and other formats are left to `transforms.decode_uint8`'s other decoders.
 """
 from __future__ import annotations

@@ -159,7 +159,7 @@ class BatchInfo:
             self.lease.fill_(0)
 
 
-class ShardStream(IterableDataset):
+class BatchStream(IterableDataset):
     """Endless batches of (images, tokens, BatchInfo) for one rank; images as
     `imagebatch.collate_images` makes them (a uint8 tensor, or RaggedImages: whole images and
     the crop boxes the device cuts).
@@ -226,7 +226,7 @@ class ShardStream(IterableDataset):
                 images, chosen = [], []
                 while taken:
                     # Captions first, then the images in a row: decoding back to back keeps the
-                    # decoder's code and tables in cache (4% of a 256 px sample's time).
+                    # decoder's code and tables in cache.
                     for sample, caption in taken:
                         image = image_or_none(sample, self.decoder, counter)
                         if image is not None:
@@ -279,9 +279,8 @@ def keep_freed_memory() -> bool:
     instead of mapping each large block fresh and handing freed memory back to the system.
 
     A worker allocates the same large blocks every batch (decoded images, the batch buffer), and
-    on the machine we measured first touching a fresh 4 KiB page cost ~2 us, more than copying into
-    it: with glibc's defaults a 512 px batch faulted in ~50 MB of fresh pages per batch. Reused,
-    they stay mapped (86% of the decode-only rate per worker at 512 px instead of 68%). The price:
+    first touching a fresh page costs more than copying into it: with glibc's defaults every batch
+    faults in fresh pages; reused, they stay mapped (docs/design.md has the rates). The price:
     a worker holds on to its peak heap (a couple of batches) until it exits. For data-loader
     worker processes only; the training process keeps glibc's defaults. Returns whether it
     applied (not on a C library without mallopt)."""
@@ -343,7 +342,7 @@ def check_shared_memory(cfg: DataConfig, image_size: int, ranks_here: int, where
     return need
 
 
-def make_loader(stream: ShardStream, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(stream: BatchStream, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       worker_init_fn=configure_worker, prefetch_factor=PREFETCH_BATCHES if workers else None,
                       persistent_workers=False)

@@ -1,6 +1,6 @@
 """Captions -> token ids for the training stream: open_clip's ids, at a fraction of its cost.
 
-open_clip's SimpleTokenizer spends most of its ~56 us per caption outside BPE: ftfy's repair
+open_clip's SimpleTokenizer spends most of its time per caption outside BPE: ftfy's repair
 pass and two HTML unescapes on every caption, then one small tensor per row. On printable ASCII
 without '&' (most captions of web corpora) those repairs change nothing, so `BatchTokenizer`
 skips them there, keeps each word's ids, and fills one array per batch. Every other caption,
@@ -53,8 +53,8 @@ class BatchTokenizer:
         if not self.fast:
             return self.tokenizer(texts)
         tok, length = self.tokenizer, self.tokenizer.context_length
-        out = np.zeros((len(texts), length), dtype=np.int64)  # filled row by row: 40% faster than
-        for i, text in enumerate(texts):                      # padding lists for torch.tensor
+        out = np.zeros((len(texts), length), dtype=np.int64)  # row by row: cheaper than padding lists
+        for i, text in enumerate(texts):
             row = [tok.sot_token_id, *self.ids(text)][:length - 1]
             row.append(tok.eot_token_id)  # a truncated caption still ends in eot
             out[i, :len(row)] = row

@@ -25,7 +25,7 @@ from cliplite_dist.config import DataConfig
 from cliplite_dist.data.augment import PRESETS
 from cliplite_dist.data.badsamples import (BAD_KINDS, SAMPLE_KINDS, TooMuchBadData, exceeds, fractions,
                                            too_much_bad_data)
-from cliplite_dist.data.pipeline import (BatchInfo, DataProgress, SampleDecoder, SharedMemoryShortfall, ShardStream,
+from cliplite_dist.data.pipeline import (BatchInfo, DataProgress, SampleDecoder, SharedMemoryShortfall, BatchStream,
                                          as_raised, check_shared_memory, make_loader)
 from cliplite_dist.data.shards import Corpus, all_urls, count_samples, resolve_corpora
 from cliplite_dist.data.slots import EmptyStreamError, SlotPosition, stable_seed
@@ -85,7 +85,7 @@ class TrainingData:
         decoder = SampleDecoder(transform, cfg.caption_key, tuple(cfg.image_keys.split(";")), decode=decode_uint8)
         self.device_transform = DeviceTransform(towers.train_transform, device, input_dtype,
                                                 resizes=not resize_in_worker)
-        self.stream = ShardStream(corpora, cfg, decoder, BatchTokenizer(towers.tokenizer), env.rank, env.world_size,
+        self.stream = BatchStream(corpora, cfg, decoder, BatchTokenizer(towers.tokenizer), env.rank, env.world_size,
                                   seed)
         self.loader = make_loader(self.stream, cfg.workers, pin_memory=device.type == "cuda")
         self.progress = DataProgress(max(1, cfg.workers), env.world_size)

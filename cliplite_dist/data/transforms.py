@@ -2,8 +2,8 @@
 device.
 
 A data-loader worker's time goes to decoding and augmenting. libjpeg-turbo (simplejpeg for JPEGs,
-torchvision.io for other formats) plus transforms.v2 on uint8 tensors was 1.8x faster per worker
-than PIL with open_clip's transforms at 224 px here (benchmarks/data.py), and a uint8 batch is a
+torchvision.io for other formats) plus transforms.v2 on uint8 tensors is faster per worker than
+PIL with open_clip's transforms (docs/design.md, benchmarks/data.py), and a uint8 batch is a
 quarter of the bytes a float batch puts through the workers' shared memory and the host-to-device
 copy. Scaling to [0, 1] and mean/std normalisation then run once per batch on the training device
 (`DeviceTransform`). The crop mirrors open_clip's train transform exactly (same arguments,
@@ -202,8 +202,8 @@ class DeviceTransform:
 
     def __call__(self, images: torch.Tensor | RaggedImages, augment: BatchAugment | None = None) -> torch.Tensor:
         """uint8 images (or whole images with crop boxes), and the batch's flips and jitter ->
-        normalised model input. In place on the one float32 copy: three times faster on CPU than
-        fresh tensors per operation."""
+        normalised model input. In place on the one float32 copy: fresh tensors per operation cost
+        the CPU far more."""
         if isinstance(images, RaggedImages):
             floats = self.resize(images)
         elif tuple(images.shape[-2:]) != self.size:
