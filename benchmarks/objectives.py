@@ -2,10 +2,12 @@
 SigLIP's pairwise sigmoid, at the same batch size, once every run has trained to a plateau?
 
 Rows (`ROWS`): InfoNCE; SigLIP; CLIP-Lite as the paper's code trains it (BatchNorm critic head,
-the reference's image+text prior at 0.1, the paper's augmentation, shift negatives, and its
-optimiser, SGD in Lookahead, among the swept choices); and CLIP-Lite with one thing changed:
-the LayerNorm head, random negatives, the neighbouring rank's caption (2 ranks). Every cell
-trains micro-vit (32 px) on the synthetic caption corpus (`recipes/bench-objectives.yaml`).
+the reference's image+text prior at 0.1, shift negatives, and its optimiser, SGD in Lookahead,
+among the swept choices); and CLIP-Lite with one thing changed: the LayerNorm head, random
+negatives, the neighbouring rank's caption (2 ranks). Every cell trains micro-vit (32 px) on the
+synthetic caption corpus (`recipes/bench-objectives.yaml`), every row with the same augmentation
+(`--augment`: open_clip's crop by default; `paper` is the paper's, which on this corpus crops
+away what the captions name).
 
 Two budgets, both reported: the same number of optimizer steps N at every batch size (the
 paper's batch-size ablation), and the same number of samples S = N x the reference batch (the
@@ -86,7 +88,6 @@ OPTIMIZERS = {
                                 "optim.grad_clip=10.0", "optim.lookahead_k=5", "optim.lookahead_alpha=0.5"),
                                (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0), 2),
 }
-AUGMENT = "data.augment=paper"  # every row: the data pipeline is not what is compared
 MAX_EXTENSIONS = 3
 CURVE_POINTS = 8  # evaluations per reported run; the 6th is at 75%
 PLATEAU_GAIN = 0.05
@@ -119,7 +120,8 @@ def write_eval_sets(cfg) -> None:
 
 
 def cell_name(cell: dict) -> str:
-    return "-".join(str(cell[k]) for k in ("phase", "row", "batch", "axis", "steps", "optimizer", "lr", "seed"))
+    return "-".join(str(cell[k]) for k in ("phase", "row", "batch", "axis", "steps", "augment", "optimizer", "lr",
+                                           "seed"))
 
 
 def cell_config(cell: dict):
@@ -130,7 +132,8 @@ def cell_config(cell: dict):
     row = ROWS[cell["row"]]
     steps = cell["steps"]
     overrides = [
-        f"run.name={cell_name(cell)}", *row.overrides, AUGMENT, *OPTIMIZERS[cell["optimizer"]].overrides,
+        f"run.name={cell_name(cell)}", *row.overrides, f"data.augment={cell['augment']}",
+        *OPTIMIZERS[cell["optimizer"]].overrides,
         f"optim.lr={cell['lr']}", f"data.batch_size={cell['batch'] // row.world_size}", f"train.steps={steps}",
         f"optim.warmup_steps={max(1, steps // 10)}", f"train.log_every={max(1, steps // 10)}",
         f"train.seed={cell['seed']}", *cell.get("overrides", []),
@@ -213,8 +216,13 @@ def measure(cell: dict) -> dict | None:
 # ---- the grid ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
+    """What every cell of a grid shares: its training budgets and its augmentation."""
+
     steps: int  # N: optimizer steps of every same-steps cell
     reference_batch: int  # same-samples cells see steps x reference_batch samples
+    # data.augment of every row (the data pipeline is not what is compared). The paper's crops, down
+    # to 20% of the image, cut away objects the synthetic captions name (benchmarks/README.md).
+    augment: str = "open_clip"
 
     def steps_for(self, axis: str, batch: int) -> int:
         """Steps of a cell at `batch` on `axis` ("steps", "samples", or "both": where they agree)."""
@@ -252,7 +260,7 @@ def sweep_cells(rows, batches, budget: Budget, chosen: dict | None = None) -> li
 
 def sweep_cell(row: str, batch: int, axis: str, optimizer: str, lr: float, budget: Budget) -> dict:
     return dict(phase="sweep", row=row, batch=batch, axis=axis, steps=budget.steps_for(axis, batch),
-                optimizer=optimizer, lr=lr, seed=0, world_size=ROWS[row].world_size)
+                augment=budget.augment, optimizer=optimizer, lr=lr, seed=0, world_size=ROWS[row].world_size)
 
 
 def sweep_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -301,7 +309,7 @@ def winners(rows: list[dict]) -> dict[tuple, dict]:
 def final_cells(chosen: dict[tuple, dict], seeds, budget: Budget) -> list[dict]:
     """Every winner again with fresh seeds, on both budgets, on the reported sets."""
     return [dict(phase="final", row=w["row"], batch=w["batch"], axis=axis, steps=budget.steps_for(axis, w["batch"]),
-                 optimizer=w["optimizer"], lr=w["lr"], seed=seed, world_size=w["world_size"])
+                 augment=budget.augment, optimizer=w["optimizer"], lr=w["lr"], seed=seed, world_size=w["world_size"])
             for _, w in sorted(chosen.items()) for axis in budget.axes(w["batch"]) for seed in seeds]
 
 
@@ -427,7 +435,8 @@ def report(rows: list[dict], folder: Path, budget: Budget, seeds: list[int], mac
             f"corpus, {len(seeds)} fresh seeds per cell (the sweeps used seed 0), on {on}, torch {machine['torch']}, "
             f"DeepSpeed {machine['deepspeed']}. Same steps: {budget.steps} optimizer steps at every batch size; same "
             f"samples: {budget.steps * budget.reference_batch:,} samples at every batch size "
-            f"({budget.steps} steps at batch {budget.reference_batch}). Values: mean ± half-width of the 95% t "
+            f"({budget.steps} steps at batch {budget.reference_batch}); data.augment={budget.augment} for every "
+            f"row. Values: mean ± half-width of the 95% t "
             f"interval over seeds, on the reported sets. 'vs InfoNCE': Welch's 95% interval of the difference "
             f"excludes 0 (ahead / behind) or not (tie). 'plateaued': runs whose validation R@1 gained under "
             f"{PLATEAU_GAIN:.0%} over the last quarter of training.\n\n"
@@ -441,6 +450,8 @@ def report(rows: list[dict], folder: Path, budget: Budget, seeds: list[int], mac
 
 
 def main() -> None:
+    from cliplite_dist.config import Augment, choices
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--batches", default="", help="comma-separated global batch sizes")
@@ -449,6 +460,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5000, help="N: optimizer steps of the same-steps budget")
     parser.add_argument("--reference-batch", type=int, default=0,
                         help="same-samples budget: N x this many samples (default: the smallest batch)")
+    parser.add_argument("--augment", choices=choices(Augment), default="open_clip",
+                        help="data.augment of every row (default: open_clip's crop; see benchmarks/README.md)")
     parser.add_argument("--rerender", action="store_true", help="rewrite results.md and the plots from results.json")
     args = parser.parse_args()
     folder = results_folder("objectives", args.machine_name, args.results_dir)
@@ -461,7 +474,7 @@ def main() -> None:
     unknown = set(rows) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
-    budget = Budget(args.steps, args.reference_batch or min(batches))
+    budget = Budget(args.steps, args.reference_batch or min(batches), args.augment)
     seeds = list(range(1, args.seeds + 1))
     cache = CellCache(folder / "cells.jsonl")
 

@@ -71,6 +71,7 @@ def test_finals_use_fresh_seeds_on_both_budgets_with_the_sweeps_winner():
                        (256, "steps"): (100, 1e-4), (256, "samples"): (6, 1e-4)}
     assert {c["seed"] for c in finals} == {1, 2, 3} and {c["phase"] for c in finals} == {"final"}
     assert len(finals) == 5 * 3 and "val_score" not in finals[0]
+    assert {c["augment"] for c in rows + finals} == {BUDGET.augment} == {"open_clip"}  # in each cell's identity
     # with the largest batch as the reference, the smaller batch sweeps on the same-steps budget
     assert objectives.Budget(steps=100, reference_batch=64).sweep_axis(16) == "steps"
 
@@ -113,8 +114,8 @@ def test_balanced_groups_and_cached_cells_are_not_measured_again(tmp_path, monke
 
 @pytest.mark.timeout(600)
 def test_one_final_cell_trains_and_reports_every_metric(tiny_corpus, tmp_path, single_rank_group):
-    cell = dict(phase="final", row="cliplite-paper", batch=16, axis="steps", steps=4, optimizer="sgd-lookahead",
-                lr=0.03, seed=1, world_size=1,
+    cell = dict(phase="final", row="cliplite-paper", batch=16, axis="steps", steps=4, augment="paper",
+                optimizer="sgd-lookahead", lr=0.03, seed=1, world_size=1,
                 overrides=[f"run.output_dir={tmp_path}", f"data.synthetic.dir={tiny_corpus}",
                            "data.synthetic.train_samples=0", f"data.train={tiny_corpus / 'train'}",
                            "data.synthetic.eval_samples=64", "data.synthetic.classes_test_samples=96",
