@@ -58,10 +58,14 @@ def check_precision(precision: str, device_type: str) -> None:
 
 
 def check_choices(section: Any, prefix: str) -> None:
-    """`check_choice` on every field of a config section (a dataclass) typed with a choice type."""
+    """`check_choice` on every field of a config section (a dataclass) typed with a choice type,
+    nested sections included."""
     for name, typ in _field_types(type(section)).items():
+        value = getattr(section, name)
         if typing.get_origin(typ) is Literal:
-            check_choice(f"{prefix}.{name}", getattr(section, name), typ)
+            check_choice(f"{prefix}.{name}", value, typ)
+        elif dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}.{name}")
 
 
 @dataclass
@@ -243,8 +247,6 @@ class Config:
 def is_remote(url: str) -> bool:
     """A URL that fsspec reaches through a protocol other than the local filesystem."""
     return fsspec.utils.get_protocol(url) not in ("file", "local")
-
-
 
 
 def _field_types(cls) -> dict[str, Any]:

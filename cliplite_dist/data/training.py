@@ -58,9 +58,8 @@ def write_synthetic_corpus(cfg: DataConfig) -> None:
 @dataclass
 class Fetched:
     """One micro-batch as the loader made it, not yet taken: a stop agreed on after fetching it
-    leaves the saved data positions before it."""
+    leaves the saved data positions before it. Its epoch and reader ride in `info`."""
 
-    epoch: int
     images: torch.Tensor | object  # uint8 images, or imagebatch.RaggedImages for the device to crop
     tokens: torch.Tensor
     info: BatchInfo
@@ -134,7 +133,7 @@ class TrainingData:
                 iterator = iter(self.loader)
             for _ in range(within, self.batches_per_epoch):
                 images, tokens, info = next(iterator)
-                yield Fetched(epoch, images, tokens, info)
+                yield Fetched(images, tokens, info)
                 micro += 1
             del iterator  # shuts the epoch's workers down
 
@@ -154,7 +153,7 @@ class TrainingData:
         read (checkpoints continue after it) and its loader worker may reuse its memory."""
         info = batch.info
         self.progress.update(info)
-        self.epoch = batch.epoch
+        self.epoch = info.epoch
         if self.keys_file is not None:
             self.keys_file.write(json.dumps({"step": step, "keys": info.keys}) + "\n")
         images = self.device_transform(batch.images.to(self.device, non_blocking=True), info.augment)
@@ -170,7 +169,8 @@ class TrainingData:
     # ---- bad data -----------------------------------------------------------------------------
     def health(self) -> tuple[dict[str, float], TooMuchBadData | None]:
         """Collective: the bad-data counts of all ranks (TensorBoard's data/ scalars), and the error
-        to stop with once the bad fraction passes data.max_bad_fraction (the same on every rank)."""
+        to stop with once the bad fraction passes data.max_bad_fraction (the same on every rank).
+        Called at each log line, it also flushes the key record (data.record_keys) to disk."""
         totals = self.progress.tally.totals()
         names = list(totals)
         summed = torch.tensor([totals[n] for n in names], dtype=torch.float64, device=self.device)
