@@ -21,14 +21,14 @@ Fairness: every row gets its own learning-rate sweep at each batch size, on the 
 batch size's two budgets (the other reuses the winner), scored on a validation split (mean R@1
 both ways; a separately generated retrieval set, never a reported one). A sweep starts with 3
 rates and extends its grid until the winner is not at an edge (`MAX_EXTENSIONS` at most; a
-winner left at an edge is flagged). CLIP-Lite-paper sweeps both
-optimisers; its variants inherit the winning optimiser and sweep the rate. Then every winner
-trains with fresh seeds (not the sweep's) and is evaluated on the reported sets: held-out
-retrieval R@1/R@5 both ways, zero-shot top-1, a linear probe on the frozen image features
-(top-1) and a multi-label probe (every colour and shape in a scene, mAP). Each reported run
-evaluates `CURVE_POINTS` times on the validation split: its learning curve (R@1 and probe
-against samples seen), and whether it plateaued (`PLATEAU_GAIN`: under 5% relative gain of
-validation R@1 over its last quarter, on a line fitted to its second half: `plateau_gain`).
+winner left at an edge is flagged). CLIP-Lite-paper sweeps both optimisers; its variants
+inherit the winning optimiser and sweep the rate. Then every winner trains with fresh seeds
+(not the sweep's) and is evaluated on the reported sets: held-out retrieval R@1/R@5 both ways,
+zero-shot top-1, a linear probe on the frozen image features (top-1) and a multi-label probe
+(every colour and shape in a scene, mAP). Each reported run evaluates `CURVE_POINTS` times on
+the validation split: its learning curve (R@1 and probe against samples seen), and whether it
+plateaued (`PLATEAU_GAIN`: under 5% relative gain of validation R@1 over its last quarter, on a
+line fitted to its second half: `plateau_gain`).
 
 Cells already measured are kept in `cells.jsonl` beside the results, so an interrupted grid
 continues where it stopped. Writes results.json/.csv/.md and curves-batchB.png under
@@ -473,6 +473,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+
     def default(field: str) -> str:
         values = {name: getattr(grid, field) for name, grid in GRIDS.items()}
         return "default: " + "; ".join(f"{name} {v if isinstance(v, int) else ','.join(map(str, v))}"
