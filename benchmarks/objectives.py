@@ -37,6 +37,9 @@ continues where it stopped. Writes results.json/.csv/.md and curves-batchB.png u
     python benchmarks/objectives.py --quick --jobs 2    # InfoNCE and CLIP-Lite-paper, batch 64 and 256
     python benchmarks/objectives.py --jobs 2            # every row
     python benchmarks/objectives.py --slurm --partition gpu --gpus-per-node 1    # as job arrays
+
+A cell of W ranks takes W GPUs: on a one-GPU machine leave out cliplite-cross_rank (`--rows`),
+or run it through SLURM.
 """
 from __future__ import annotations
 
@@ -256,6 +259,12 @@ class Budget:
         return min(self.axes(batch), key=lambda axis: self.steps_for(axis, batch))
 
 
+def rows_wider_than_gpus(rows: list[str], gpus: int) -> list[str]:
+    """Rows whose cells need more ranks than a machine with `gpus` GPUs has (none on a CPU
+    machine, gpus=0, where ranks share the cores): a rank takes a GPU of its own."""
+    return [name for name in rows if gpus and ROWS[name].world_size > gpus]
+
+
 def cell_cost(cell: dict) -> float:
     """About what a cell costs, for splitting cells between parallel workers: steps x (a fixed
     cost per step + one per sample)."""
@@ -469,6 +478,8 @@ def report(rows: list[dict], folder: Path, budget: Budget, seeds: list[int], mac
 
 
 def main() -> None:
+    import torch
+
     from cliplite_dist.config import Augment, choices
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -501,6 +512,11 @@ def main() -> None:
     unknown = set(rows) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
+    too_wide = [] if args.slurm else rows_wider_than_gpus(rows, torch.cuda.device_count())
+    if too_wide:
+        parser.error(f"rows {', '.join(too_wide)} train on more ranks (one GPU each) than the "
+                     f"{torch.cuda.device_count()} GPU(s) here: leave them out with --rows, or run the grid with "
+                     f"--slurm --gpus-per-node N (a cell then spans nodes)")
     budget = Budget(args.steps or grid.steps, args.reference_batch or min(batches), args.augment)
     seeds = list(range(1, args.seeds + 1))
     cache = CellCache(folder / "cells.jsonl")

@@ -76,6 +76,13 @@ def test_finals_use_fresh_seeds_on_both_budgets_with_the_sweeps_winner():
     assert objectives.Budget(steps=100, reference_batch=64).sweep_axis(16) == "steps"
 
 
+def test_rows_that_need_more_gpus_than_the_machine_has_are_named():
+    rows = list(objectives.ROWS)
+    assert objectives.rows_wider_than_gpus(rows, 1) == ["cliplite-cross_rank"]  # 2 ranks, one GPU each
+    assert objectives.rows_wider_than_gpus(rows, 2) == []
+    assert objectives.rows_wider_than_gpus(rows, 0) == []  # on CPU the ranks share the cores
+
+
 def test_plateau_gain_reads_a_line_through_the_second_half():
     flat = [{"step": s, "val_R@1": v} for s, v in ((25, 0.1), (50, 0.40), (75, 0.41), (100, 0.40))]
     assert objectives.plateau_gain(flat) == 0.0  # the rise of the first half does not count

@@ -7,6 +7,7 @@ the step, the learning-rate schedule and the data stream continue; with SGD in L
 resume is a warm start (fresh optimizer state), logged as such."""
 import os
 import statistics
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -99,6 +100,12 @@ def _engine_worker(rank: int, world: int, init_file: str, zero: int, phase: str,
             torch.save(result, folder / f"{phase}.pt")
     finally:
         dist.destroy_process_group()
+    # A DeepSpeed engine stays referenced from autograd hooks that gc cannot see, so it and the gloo
+    # groups it holds are torn down only at interpreter exit, which once aborted a rank ("terminate
+    # called without an active exception") after its work was saved. Leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(world: int, zero: int, phase: str, folder: Path) -> dict:
