@@ -12,8 +12,8 @@ away what the captions name).
 Two budgets, both reported: the same number of optimizer steps N at every batch size (the
 paper's batch-size ablation), and the same number of samples S = N x the reference batch (the
 smallest, by default) at every batch size. At the reference batch the two coincide and share
-their runs. The corpus is small (2,000 pairs) and repeated for many epochs, as the paper's
-COCO runs were (~2,000 epochs). `GRIDS` holds the defaults: the full grid's budget is where
+their runs. The corpus (20,000 pairs) is repeated for many epochs, as the paper's COCO runs
+were (~2,000 epochs). `GRIDS` holds the defaults: the full grid's budget is where
 InfoNCE's batch-64 curve starts to level off (tens of core-hours on a CPU: a job for GPUs or SLURM);
 `--quick` is the same grid, two rows, far shorter, for a first look in about an hour.
 
@@ -90,7 +90,7 @@ class Grid:
 # Batch 64 and up, the paper's ablation range: at batch 16 InfoNCE learns less per sample seen than
 # at 64 here and is still climbing at 25,000 steps (benchmarks/README.md, 2026-11-30).
 GRIDS = {
-    "full": Grid(tuple(ROWS), (64, 256), 20000),  # InfoNCE at 64 starts to level off near 20,000 steps
+    "full": Grid(tuple(ROWS), (64, 256), 20000),  # where InfoNCE at 64 began to level off on 2,000 pairs
     "quick": Grid(("infonce", "cliplite-paper"), (64, 256), 1000),  # about an hour on 2 cores, far from a plateau
 }
 
@@ -148,7 +148,7 @@ def cell_name(cell: dict) -> str:
 
 def cell_config(cell: dict):
     """The recipe plus this cell's row, optimiser, rate, batch, steps and seed (and the cell's own
-    `overrides`, if any, last)."""
+    `overrides`, if any, last); refused if the cell names another corpus than that makes."""
     from cliplite_dist.config import load_config
 
     row = ROWS[cell["row"]]
@@ -160,7 +160,11 @@ def cell_config(cell: dict):
         f"optim.warmup_steps={max(1, steps // 10)}", f"train.log_every={max(1, steps // 10)}",
         f"train.seed={cell['seed']}", *cell.get("overrides", []),
     ]
-    sets = eval_sets(Path(load_config(RECIPE, overrides).data.synthetic.dir))
+    syn = load_config(RECIPE, overrides).data.synthetic
+    if cell.get("pairs", syn.train_samples) != syn.train_samples:
+        raise ValueError(f"cell {cell_name(cell)} is for a corpus of {cell['pairs']} pairs, but {RECIPE.name} with its "
+                         f"overrides makes {syn.train_samples} (data.synthetic.train_samples)")
+    sets = eval_sets(Path(syn.dir))
     overrides.append(f"data.eval={sets['val']}")
     if cell["phase"] == "final":
         overrides += [f"data.eval_zeroshot={sets['classes']}", f"data.eval_probe={sets['classes']}",
@@ -238,13 +242,16 @@ def measure(cell: dict) -> dict | None:
 # ---- the grid ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Budget:
-    """What every cell of a grid shares: its training budgets and its augmentation."""
+    """What every cell of a grid shares: its training budgets, its augmentation and its corpus."""
 
     steps: int  # N: optimizer steps of every same-steps cell
     reference_batch: int  # same-samples cells see steps x reference_batch samples
     # data.augment of every row (the data pipeline is not what is compared). The paper's crops, down
     # to 20% of the image, cut away objects the synthetic captions name (benchmarks/README.md).
     augment: str = "open_clip"
+    # pairs in the recipe's training corpus, part of every cell's identity: cached cells trained on
+    # another corpus are not handed back
+    pairs: int = 0
 
     def steps_for(self, axis: str, batch: int) -> int:
         """Steps of a cell at `batch` on `axis` ("steps", "samples", or "both": where they agree)."""
@@ -288,7 +295,8 @@ def sweep_cells(rows, batches, budget: Budget, chosen: dict | None = None) -> li
 
 def sweep_cell(row: str, batch: int, axis: str, optimizer: str, lr: float, budget: Budget) -> dict:
     return dict(phase="sweep", row=row, batch=batch, axis=axis, steps=budget.steps_for(axis, batch),
-                augment=budget.augment, optimizer=optimizer, lr=lr, seed=0, world_size=ROWS[row].world_size)
+                augment=budget.augment, pairs=budget.pairs, optimizer=optimizer, lr=lr, seed=0,
+                world_size=ROWS[row].world_size)
 
 
 def sweep_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -337,7 +345,8 @@ def winners(rows: list[dict]) -> dict[tuple, dict]:
 def final_cells(chosen: dict[tuple, dict], seeds, budget: Budget) -> list[dict]:
     """Every winner again with fresh seeds, on both budgets, on the reported sets."""
     return [dict(phase="final", row=w["row"], batch=w["batch"], axis=axis, steps=budget.steps_for(axis, w["batch"]),
-                 augment=budget.augment, optimizer=w["optimizer"], lr=w["lr"], seed=seed, world_size=w["world_size"])
+                 augment=budget.augment, pairs=budget.pairs, optimizer=w["optimizer"], lr=w["lr"], seed=seed,
+                 world_size=w["world_size"])
             for _, w in sorted(chosen.items()) for axis in budget.axes(w["batch"]) for seed in seeds]
 
 
@@ -460,7 +469,7 @@ def report(rows: list[dict], folder: Path, budget: Budget, seeds: list[int], mac
     batches = sorted({r["batch"] for r in rows if r["phase"] == "final"})
     plots = plot_curves(rows, folder)
     text = (f"# Objectives at matched batch sizes, trained to a plateau\n\nmicro-vit (32 px) on the synthetic caption "
-            f"corpus, {len(seeds)} fresh seeds per cell (the sweeps used seed 0), on {on}, torch {machine['torch']}, "
+            f"corpus ({budget.pairs:,} pairs), {len(seeds)} fresh seeds per cell (the sweeps used seed 0), on {on}, torch {machine['torch']}, "
             f"DeepSpeed {machine['deepspeed']}. Same steps: {budget.steps} optimizer steps at every batch size; same "
             f"samples: {budget.steps * budget.reference_batch:,} samples at every batch size "
             f"({budget.steps} steps at batch {budget.reference_batch}); data.augment={budget.augment} for every "
@@ -480,7 +489,7 @@ def report(rows: list[dict], folder: Path, budget: Budget, seeds: list[int], mac
 def main() -> None:
     import torch
 
-    from cliplite_dist.config import Augment, choices
+    from cliplite_dist.config import Augment, choices, load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -517,7 +526,8 @@ def main() -> None:
         parser.error(f"rows {', '.join(too_wide)} train on more ranks (one GPU each) than the "
                      f"{torch.cuda.device_count()} GPU(s) here: leave them out with --rows, or run the grid with "
                      f"--slurm --gpus-per-node N (a cell then spans nodes)")
-    budget = Budget(args.steps or grid.steps, args.reference_batch or min(batches), args.augment)
+    budget = Budget(args.steps or grid.steps, args.reference_batch or min(batches), args.augment,
+                    load_config(RECIPE).data.synthetic.train_samples)
     seeds = list(range(1, args.seeds + 1))
     cache = CellCache(folder / "cells.jsonl")
 

@@ -76,6 +76,15 @@ def test_finals_use_fresh_seeds_on_both_budgets_with_the_sweeps_winner():
     assert objectives.Budget(steps=100, reference_batch=64).sweep_axis(16) == "steps"
 
 
+def test_a_cell_names_its_corpus_and_refuses_another():
+    budget = objectives.Budget(steps=100, reference_batch=64, pairs=20000)
+    cell = objectives.sweep_cell("infonce", 64, "both", "adamw", 1e-3, budget)
+    assert cell["pairs"] == 20000 == objectives.cell_config(cell).data.synthetic.train_samples  # the recipe's
+    with pytest.raises(ValueError, match="2000 pairs.*makes 20000"):
+        objectives.cell_config(dict(cell, pairs=2000))
+    assert common.cell_key(cell) != common.cell_key(dict(cell, pairs=2000))  # a cached row of 2,000 pairs is another cell
+
+
 def test_rows_that_need_more_gpus_than_the_machine_has_are_named():
     rows = list(objectives.ROWS)
     assert objectives.rows_wider_than_gpus(rows, 1) == ["cliplite-cross_rank"]  # 2 ranks, one GPU each
