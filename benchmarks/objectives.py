@@ -116,6 +116,8 @@ PLATEAU_GAIN = 0.05
 METRICS = {  # reported metric -> label
     "R@1": "R@1 (mean both ways)", "R@5": "R@5 (mean both ways)", "zeroshot_top1": "zero-shot top-1",
     "probe_top1": "probe top-1", "probe_mAP": "multi-label probe mAP",
+    # colours, 8 of the 14 labels, are easy for any feature: the shapes alone may separate the rows
+    "probe_mAP_shapes": "multi-label probe mAP, shapes",
 }
 
 
@@ -191,9 +193,12 @@ def plateau_gain(curve: list[dict]) -> float:
 
 
 def final_evaluations(trainer, sets: dict[str, Path]) -> dict:
-    """Held-out retrieval and the multi-label probe, on every rank (the embedding is collective)."""
+    """Held-out retrieval and the multi-label probe (all labels, and the shapes alone), on every
+    rank (the embedding is collective)."""
+    from cliplite_dist.data.synthetic import COLOURS
     from cliplite_dist.evaluate import tasks
     from cliplite_dist.evaluate.embed import DistributedEmbedder
+    from cliplite_dist.evaluate.metrics import mean_ap
 
     cfg, info = trainer.cfg, trainer.engine_info
     embedder = DistributedEmbedder(trainer.engine, cfg.data.eval_batch_size, trainer.device, info.input_dtype)
@@ -205,7 +210,7 @@ def final_evaluations(trainer, sets: dict[str, Path]) -> dict:
     multilabel = tasks.probe(towers, tasks.prepare_probe(str(sets["multilabel"]), transform))
     return {**{k: heldout[k] for k in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5")},
             "R@1": mean_r1(heldout), "R@5": (heldout["i2t_R@5"] + heldout["t2i_R@5"]) / 2,
-            "probe_mAP": multilabel.value}
+            "probe_mAP": multilabel.value, "probe_mAP_shapes": mean_ap(multilabel.per_class[len(COLOURS):])}
 
 
 def measure(cell: dict) -> dict | None:

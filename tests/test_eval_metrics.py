@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cliplite_dist.evaluate.metrics import (ProbeResult, _split, average_precision_voc07, linear_probe,
-                                            mean_average_precision_voc07, retrieval_metrics, zeroshot_metrics)
+from cliplite_dist.evaluate.metrics import (ProbeResult, _split, average_precision_voc07, average_precisions_voc07,
+                                            linear_probe, mean_ap, mean_average_precision_voc07, retrieval_metrics,
+                                            zeroshot_metrics)
 
 
 @pytest.fixture(autouse=True)
@@ -259,6 +260,12 @@ def test_probe_multilabel_blobs():
     with torch.no_grad():  # as evaluation loops call it
         result = linear_probe(train_x, train_y, test_x, test_y, multilabel=True, weight_decays=(1e-4, 1e-2))
     assert result.metric == "mAP_voc07" and result.value > 0.95
+    assert len(result.per_class) == 4 and result.value == pytest.approx(sum(result.per_class) / 4)
+    # a class without a positive has no AP, and a subset's mAP leaves it out
+    aps = average_precisions_voc07(torch.tensor([[0.9, 0.1], [0.2, 0.3]]), torch.tensor([[1, 0], [0, 0]]))
+    assert aps == [1.0, None] and mean_ap(aps) == 1.0 and mean_ap(aps[1:] + [0.5]) == 0.5
+    with pytest.raises(ValueError, match="no class has a positive"):
+        mean_ap([None])
 
 
 def test_split_is_stratified_and_seeded():

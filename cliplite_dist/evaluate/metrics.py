@@ -7,7 +7,7 @@ NaN score is the lowest score, so a collapsed or diverged model scores 0 rather 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -177,16 +177,28 @@ def average_precision_voc07(scores: Tensor, targets: Tensor) -> float:
     return torch.where(reached, precision.unsqueeze(0), 0.0).amax(dim=1).mean().item()
 
 
-def mean_average_precision_voc07(scores: Tensor, targets: Tensor) -> float:
-    """Mean VOC07 AP over the classes with at least one positive (AP is undefined for the rest)."""
+def average_precisions_voc07(scores: Tensor, targets: Tensor) -> list[float | None]:
+    """Each class's VOC07 AP; None for a class without a positive target (AP is undefined)."""
     if scores.dim() != 2 or scores.shape != targets.shape or scores.numel() == 0:
         raise ValueError(f"need non-empty scores [N, C] and multi-hot targets [N, C], got "
                          f"{tuple(scores.shape)} and {tuple(targets.shape)}")
     _check_binary(targets)
-    classes = (targets != 0).any(dim=0).nonzero().flatten().tolist()
-    if not classes:
+    present = (targets != 0).any(dim=0).tolist()
+    return [average_precision_voc07(scores[:, c], targets[:, c]) if present[c] else None
+            for c in range(targets.shape[1])]
+
+
+def mean_ap(per_class: list[float | None]) -> float:
+    """Mean over the classes whose AP is defined (a subset of classes: pass its slice)."""
+    defined = [ap for ap in per_class if ap is not None]
+    if not defined:
         raise ValueError("mean average precision is undefined: no class has a positive target")
-    return sum(average_precision_voc07(scores[:, c], targets[:, c]) for c in classes) / len(classes)
+    return sum(defined) / len(defined)
+
+
+def mean_average_precision_voc07(scores: Tensor, targets: Tensor) -> float:
+    """Mean VOC07 AP over the classes with at least one positive."""
+    return mean_ap(average_precisions_voc07(scores, targets))
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -197,6 +209,8 @@ class ProbeResult:
     value: float  # on the test features
     weight_decay: float  # the regularisation chosen on the validation split
     sweep: list[tuple[float, float]]  # (weight_decay, validation metric) for every candidate
+    # multi-label: each class's test AP (None: no positive), for the mAP of a subset of classes
+    per_class: list[float | None] = field(default_factory=list)
 
 
 def _check_features(train_x: Tensor, test_x: Tensor) -> None:
@@ -336,5 +350,8 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     chosen = max(sweep, key=lambda entry: (entry[1], entry[0]))[0]
     all_x, test_x = _standardise(train_x, test_x)
     weight, bias = _fit(all_x, train_y, num_outputs, multilabel, chosen, max_iter, solutions[chosen])
-    value = _score(test_x @ weight + bias, test_y, multilabel)
-    return ProbeResult("mAP_voc07" if multilabel else "top1", value, chosen, sweep)
+    logits = test_x @ weight + bias
+    if multilabel:
+        per_class = average_precisions_voc07(logits, test_y)
+        return ProbeResult("mAP_voc07", mean_ap(per_class), chosen, sweep, per_class)
+    return ProbeResult("top1", _score(logits, test_y, multilabel), chosen, sweep)

@@ -66,6 +66,10 @@ def render(results: dict) -> str:
         for key, value in results.get(section, {}).items():
             if key == "sweep":
                 value = ", ".join(f"{wd:g}:{metric:.3f}" for wd, metric in value)
+            elif key == "per_class":
+                if not value:
+                    continue
+                value = ", ".join("-" if ap is None else f"{ap:.3f}" for ap in value)
             elif isinstance(value, float):
                 value = f"{value:.4f}"
             lines.append(f"{section:<13} {key:<24} {value}")
