@@ -13,9 +13,9 @@ Two budgets, both reported: the same number of optimizer steps N at every batch 
 paper's batch-size ablation), and the same number of samples S = N x the reference batch (the
 smallest, by default) at every batch size. At the reference batch the two coincide and share
 their runs. The corpus (20,000 pairs) is repeated for many epochs, as the paper's COCO runs
-were (~2,000 epochs). `GRIDS` holds the defaults: the full grid's budget is where
-InfoNCE's batch-64 curve starts to level off (tens of core-hours on a CPU: a job for GPUs or SLURM);
-`--quick` is the same grid, two rows, far shorter, for a first look in about an hour.
+were (~2,000 epochs). `GRIDS` holds the defaults: the full grid's budget is where InfoNCE's
+batch-64 curve began to level off on 2,000 pairs (tens of core-hours on a CPU: a job for GPUs
+or SLURM); `--quick` is the same grid, two rows, far shorter, for a first look in about an hour.
 
 Fairness: every row gets its own learning-rate sweep at each batch size, on the shorter of that
 batch size's two budgets (the other reuses the winner), scored on a validation split (mean R@1
@@ -474,9 +474,9 @@ def report(rows: list[dict], folder: Path, budget: Budget, seeds: list[int], mac
     batches = sorted({r["batch"] for r in rows if r["phase"] == "final"})
     plots = plot_curves(rows, folder)
     text = (f"# Objectives at matched batch sizes, trained to a plateau\n\nmicro-vit (32 px) on the synthetic caption "
-            f"corpus ({budget.pairs:,} pairs), {len(seeds)} fresh seeds per cell (the sweeps used seed 0), on {on}, torch {machine['torch']}, "
-            f"DeepSpeed {machine['deepspeed']}. Same steps: {budget.steps} optimizer steps at every batch size; same "
-            f"samples: {budget.steps * budget.reference_batch:,} samples at every batch size "
+            f"corpus ({budget.pairs:,} pairs), {len(seeds)} fresh seeds per cell (the sweeps used seed 0), on {on}, "
+            f"torch {machine['torch']}, DeepSpeed {machine['deepspeed']}. Same steps: {budget.steps} optimizer steps "
+            f"at every batch size; same samples: {budget.steps * budget.reference_batch:,} samples at every batch size "
             f"({budget.steps} steps at batch {budget.reference_batch}); data.augment={budget.augment} for every "
             f"row. Values: mean ± half-width of the 95% t "
             f"interval over seeds, on the reported sets. 'vs InfoNCE': Welch's 95% interval of the difference "
@@ -526,11 +526,12 @@ def main() -> None:
     unknown = set(rows) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
-    too_wide = [] if args.slurm else rows_wider_than_gpus(rows, torch.cuda.device_count())
+    gpus = torch.cuda.device_count()
+    too_wide = [] if args.slurm else rows_wider_than_gpus(rows, gpus)
     if too_wide:
-        parser.error(f"rows {', '.join(too_wide)} train on more ranks (one GPU each) than the "
-                     f"{torch.cuda.device_count()} GPU(s) here: leave them out with --rows, or run the grid with "
-                     f"--slurm --gpus-per-node N (a cell then spans nodes)")
+        parser.error(f"rows {', '.join(too_wide)} train on more ranks (one GPU each) than the {gpus} GPU(s) here: "
+                     f"leave them out with --rows, or run the grid with --slurm --gpus-per-node N (a cell then "
+                     f"spans nodes)")
     budget = Budget(args.steps or grid.steps, args.reference_batch or min(batches), args.augment,
                     load_config(RECIPE).data.synthetic.train_samples)
     seeds = list(range(1, args.seeds + 1))

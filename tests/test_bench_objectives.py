@@ -82,7 +82,8 @@ def test_a_cell_names_its_corpus_and_refuses_another():
     assert cell["pairs"] == 20000 == objectives.cell_config(cell).data.synthetic.train_samples  # the recipe's
     with pytest.raises(ValueError, match="2000 pairs.*makes 20000"):
         objectives.cell_config(dict(cell, pairs=2000))
-    assert common.cell_key(cell) != common.cell_key(dict(cell, pairs=2000))  # a cached row of 2,000 pairs is another cell
+    # a cached row of 2,000 pairs is another cell
+    assert common.cell_key(cell) != common.cell_key(dict(cell, pairs=2000))
 
 
 def test_rows_that_need_more_gpus_than_the_machine_has_are_named():
