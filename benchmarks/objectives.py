@@ -355,11 +355,19 @@ def final_cells(chosen: dict[tuple, dict], seeds, budget: Budget) -> list[dict]:
             for _, w in sorted(chosen.items()) for axis in budget.axes(w["batch"]) for seed in seeds]
 
 
+def sweep_stages(rows: list[str]) -> tuple[list[str], list[str]]:
+    """Stage 1: rows that sweep their optimiser, and the rows the others inherit it from even when
+    not asked for (their sweep alone: from the cache, when an earlier run had them); stage 2: rows
+    that inherit it."""
+    parents = {ROWS[r].inherits for r in rows}
+    return [r for r in ROWS if (r in rows and not ROWS[r].inherits) or r in parents], \
+        [r for r in rows if ROWS[r].inherits]
+
+
 def run_sweeps(rows: list[str], batches, budget: Budget, args, cache: CellCache) -> list[dict]:
-    """Stage 1: rows that sweep their optimiser; stage 2: rows that inherit it; each stage's
-    grids extended until no winner sits at an edge."""
+    """The sweeps of `sweep_stages`, each stage's grids extended until no winner sits at an edge."""
     measured: list[dict] = []
-    for stage in ([r for r in rows if not ROWS[r].inherits], [r for r in rows if ROWS[r].inherits]):
+    for stage in sweep_stages(rows):
         if not stage:
             continue
         cells = sweep_cells(stage, batches, budget, winners(measured))

@@ -58,6 +58,9 @@ def test_paper_row_sweeps_both_optimisers_on_the_shorter_budget_and_variants_inh
     assert {(c["row"], c["batch"], c["optimizer"]) for c in stage2} == {
         (r, b, o) for r in ("cliplite-layer", "cliplite-cross_rank") for b, o in ((16, "sgd-lookahead"), (64, "adamw"))}
     assert {c["world_size"] for c in stage2 if c["row"] == "cliplite-cross_rank"} == {2}
+    # a variant asked for alone (e.g. cross_rank where 2 GPUs are) brings its parent's sweep along
+    assert objectives.sweep_stages(["cliplite-cross_rank"]) == (["cliplite-paper"], ["cliplite-cross_rank"])
+    assert objectives.sweep_stages(["infonce", "siglip"]) == (["infonce", "siglip"], [])
 
 
 def test_finals_use_fresh_seeds_on_both_budgets_with_the_sweeps_winner():
