@@ -22,16 +22,16 @@ def _scored(cells, score):
 
 def test_sweep_extends_past_an_edge_until_the_winner_is_inside():
     first = objectives.sweep_cells(["infonce"], [16], BUDGET)
-    assert [c["lr"] for c in first] == [1e-4, 3e-4, 1e-3] and {c["seed"] for c in first} == {0}
+    assert [c["lr"] for c in first] == [3e-4, 1e-3, 3e-3] and {c["seed"] for c in first} == {0}
     assert {(c["axis"], c["steps"]) for c in first} == {("both", 100)}  # the reference batch: one budget
-    # the score keeps rising with the rate up to 3e-3: two extensions upwards, then the winner is inside
-    rows = _scored(first, lambda c: -abs(c["lr"] - 3e-3))
-    extra = objectives.extension_cells(rows, BUDGET)
-    assert [c["lr"] for c in extra] == [3e-3]
-    rows += _scored(extra, lambda c: -abs(c["lr"] - 3e-3))
+    # the score keeps rising with the rate up to 1e-2: two extensions upwards, then the winner is inside
+    rows = _scored(first, lambda c: -abs(c["lr"] - 1e-2))
     extra = objectives.extension_cells(rows, BUDGET)
     assert [c["lr"] for c in extra] == [1e-2]
-    rows += _scored(extra, lambda c: -abs(c["lr"] - 3e-3))
+    rows += _scored(extra, lambda c: -abs(c["lr"] - 1e-2))
+    extra = objectives.extension_cells(rows, BUDGET)
+    assert [c["lr"] for c in extra] == [3e-2]
+    rows += _scored(extra, lambda c: -abs(c["lr"] - 1e-2))
     assert objectives.extension_cells(rows, BUDGET) == []
     assert objectives.at_edge(objectives.sweep_groups(rows)[("infonce", 16, "both", "adamw")]) == ""
     # a winner at the ladder's end stays flagged
@@ -39,7 +39,7 @@ def test_sweep_extends_past_an_edge_until_the_winner_is_inside():
     for _ in range(5):
         low += _scored(objectives.extension_cells(low, BUDGET), lambda c: -c["lr"])
     group = objectives.sweep_groups(low)[("infonce", 16, "both", "adamw")]
-    assert [r["lr"] for r in group] == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3] and objectives.at_edge(group) == "low"
+    assert [r["lr"] for r in group] == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3] and objectives.at_edge(group) == "low"
     assert "at the low edge" in objectives.sweep_table(low)
 
 
@@ -65,13 +65,13 @@ def test_paper_row_sweeps_both_optimisers_on_the_shorter_budget_and_variants_inh
 
 def test_finals_use_fresh_seeds_on_both_budgets_with_the_sweeps_winner():
     rows = _scored(objectives.sweep_cells(["infonce"], [16, 64, 256], BUDGET),
-                   lambda c: -abs(c["lr"] - (3e-4 if c["batch"] == 16 else 1e-4)))
+                   lambda c: -abs(c["lr"] - (3e-4 if c["batch"] == 16 else 1e-3)))
     assert {(c["batch"], c["axis"], c["steps"]) for c in rows} == {(16, "both", 100), (64, "samples", 25),
                                                                    (256, "samples", 6)}
     finals = objectives.final_cells(objectives.winners(rows), [1, 2, 3], BUDGET)
     by_axis = {(c["batch"], c["axis"]): (c["steps"], c["lr"]) for c in finals}
-    assert by_axis == {(16, "both"): (100, 3e-4), (64, "steps"): (100, 1e-4), (64, "samples"): (25, 1e-4),
-                       (256, "steps"): (100, 1e-4), (256, "samples"): (6, 1e-4)}
+    assert by_axis == {(16, "both"): (100, 3e-4), (64, "steps"): (100, 1e-3), (64, "samples"): (25, 1e-3),
+                       (256, "steps"): (100, 1e-3), (256, "samples"): (6, 1e-3)}
     assert {c["seed"] for c in finals} == {1, 2, 3} and {c["phase"] for c in finals} == {"final"}
     assert len(finals) == 5 * 3 and "val_score" not in finals[0]
     assert {c["augment"] for c in rows + finals} == {BUDGET.augment} == {"open_clip"}  # in each cell's identity
