@@ -196,7 +196,7 @@ def plateau_gain(curve: list[dict]) -> float:
 def final_evaluations(trainer, sets: dict[str, Path]) -> dict:
     """Held-out retrieval and the multi-label probe (all labels, and the shapes alone), on every
     rank (the embedding is collective)."""
-    from cliplite_dist.data.synthetic import COLOURS
+    from cliplite_dist.data.synthetic import LABEL_NAMES, SHAPES
     from cliplite_dist.evaluate import tasks
     from cliplite_dist.evaluate.embed import DistributedEmbedder
     from cliplite_dist.evaluate.metrics import mean_ap
@@ -211,7 +211,8 @@ def final_evaluations(trainer, sets: dict[str, Path]) -> dict:
     multilabel = tasks.probe(towers, tasks.prepare_probe(str(sets["multilabel"]), transform))
     return {**{k: heldout[k] for k in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5")},
             "R@1": mean_r1(heldout), "R@5": (heldout["i2t_R@5"] + heldout["t2i_R@5"]) / 2,
-            "probe_mAP": multilabel.value, "probe_mAP_shapes": mean_ap(multilabel.per_class[len(COLOURS):])}
+            "probe_mAP": multilabel.value,
+            "probe_mAP_shapes": mean_ap([ap for name, ap in zip(LABEL_NAMES, multilabel.per_class) if name in SHAPES])}
 
 
 def measure(cell: dict) -> dict | None:
