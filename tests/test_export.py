@@ -86,3 +86,12 @@ def test_export_errors_name_what_is_missing(tmp_path):
         export_run(tmp_path, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="cliplite_meta.json"):
         cliplite_dist.load(tmp_path)
+
+
+def test_render_prints_a_multilabel_probes_class_aps_and_omits_an_empty_list():
+    from cliplite_dist.evaluate.standalone import render
+
+    probe = {"metric": "mAP_voc07", "value": 0.5, "weight_decay": 0.01, "sweep": [(0.01, 0.4)]}
+    lines = render({"target": "t", "device": "cpu", "linear_probe": {**probe, "per_class": [0.25, None, 0.75]}})
+    assert "linear_probe  per_class                0.250, -, 0.750" in lines.splitlines()
+    assert "per_class" not in render({"target": "t", "device": "cpu", "linear_probe": {**probe, "per_class": []}})
