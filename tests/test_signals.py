@@ -57,12 +57,14 @@ def _target(proc: subprocess.Popen, world: int, rank: int) -> int | None:
 def _signal_at(proc: subprocess.Popen, world: int, rank: int, signum: int, moment: float) -> bool:
     """Send `signum` to the target and its loader workers `moment` s after it appeared; False if
     the run ended first."""
-    appeared = None
+    # The pid found first is the one signalled: torchrun's worker can exit (its run done) while the
+    # agent is still up, and a second lookup would then find nothing.
+    target = appeared = None
     while proc.poll() is None:
-        target = _target(proc, world, rank)
-        if target is not None and appeared is None:
-            appeared = time.monotonic()
-        if appeared is not None and time.monotonic() - appeared >= moment:
+        if target is None:
+            target = _target(proc, world, rank)
+            appeared = time.monotonic() if target is not None else None
+        if target is not None and time.monotonic() - appeared >= moment:
             for pid in [target, *descendants(target)]:
                 try:
                     os.kill(pid, signum)
