@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -72,6 +73,25 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class DispatchCount(TorchDispatchMode):
+    """The ATen ops run inside `with` (views included; on a GPU, about the kernels launched) and
+    how many of them read a tensor's value back to the host, which on a GPU waits until every
+    kernel queued before it has run: `.ops`, `.host_reads` after the block. Counted the same on
+    CPU, where no timing shows them."""
+
+    HOST_READS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                            torch.ops.aten.nonzero.default, torch.ops.aten.equal.default})
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.host_reads += func in self.HOST_READS
+        return func(*args, **(kwargs or {}))
 
 
 def _rss_bytes() -> int:

@@ -6,10 +6,13 @@ data loading). Both engines live in one process and their steps alternate (which
 swaps every round), so the two objectives see the same machine state: separate runs of one
 configuration differ by up to 8% here, far more than the objectives do. The ratio of the two
 step times is taken per round; its median and a bootstrap 95% interval say whether CLIP-Lite is
-as fast as InfoNCE. Writes `benchmarks/results/step_breakdown/<machine>/`.
+as fast as InfoNCE. One more step of each is counted op by op: the ATen ops it runs and how many
+read a value back to the host (each a wait for the GPU's queue to drain; counted on CPU too).
+Writes `benchmarks/results/step_breakdown/<machine>/`.
 
     python benchmarks/step_breakdown.py                       # tiny-vit, batch 64, CPU
     python benchmarks/step_breakdown.py --model ViT-B-32 --batch 256   # on a GPU: bf16 (engine.precision=auto)
+    python benchmarks/step_breakdown.py --precision bf16               # CPU in bf16: the step's ops and host reads
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import json
 import random
 import statistics
 import time
+import typing
 
-from cliplite_dist.config import Config
+from cliplite_dist.config import Config, Precision
 from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
 from cliplite_dist.engine import resolve_precision
-from common import RESULTS, engine_step, loss_seconds, markdown_table, results_folder, sync, write_results
+from common import RESULTS, DispatchCount, engine_step, loss_seconds, markdown_table, results_folder, sync, \
+    write_results
 
 OBJECTIVES = ("cliplite", "infonce")
 WARMUP_ROUNDS = 3
@@ -57,6 +62,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=60, help="steps of each objective, alternating")
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--precision", choices=typing.get_args(Precision), default="auto", help="engine.precision")
     parser.add_argument("--machine-name", default=None, help="results folder name (default: host)")
     parser.add_argument("--results-dir", default=str(RESULTS), help="where results/step_breakdown/<machine>/ goes")
     args = parser.parse_args()
@@ -68,15 +74,20 @@ def main() -> None:
     for name in OBJECTIVES:
         cfg = Config()
         cfg.model.name, cfg.objective.name, cfg.data.batch_size = args.model, name, args.batch
-        cfg.engine.zero_stage = args.zero_stage
+        cfg.engine.zero_stage, cfg.engine.precision = args.zero_stage, args.precision
         cfgs[name] = cfg
         steps[name], dims[name], _ = engine_step(cfg, device)
     times = interleaved_step_seconds(steps, args.rounds)
+    counts = {name: DispatchCount() for name in OBJECTIVES}
+    for name in OBJECTIVES:
+        with counts[name]:
+            steps[name]()
     precision = resolve_precision(cfgs["infonce"].engine, device)
     rows = [{"objective": name, "model": args.model, "batch": args.batch, "rounds": args.rounds,
              "device": device.type, "precision": precision, "zero_stage": args.zero_stage,
              "step_ms": 1000 * statistics.median(times[name]),
              "step_samples_per_s": args.batch / statistics.median(times[name]),
+             "ops_per_step": counts[name].ops, "host_reads_per_step": counts[name].host_reads,
              "loss_fwd_bwd_ms": 1000 * loss_seconds(cfgs[name].objective, args.batch, dims[name], device,
                                                     args.rounds * 5)}
             for name in OBJECTIVES]
@@ -85,9 +96,10 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row))
     table = markdown_table(["objective", "model", "batch", "device", "precision", "ZeRO", "loss fwd+bwd (ms)",
-                            "step (ms, median)", "full step (samples/s)"],
+                            "step (ms, median)", "full step (samples/s)", "ops / step", "host reads / step"],
                            [[r["objective"], r["model"], r["batch"], r["device"], r["precision"], r["zero_stage"],
-                             f"{r['loss_fwd_bwd_ms']:.3f}", f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}"]
+                             f"{r['loss_fwd_bwd_ms']:.3f}", f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}",
+                             r["ops_per_step"], r["host_reads_per_step"]]
                             for r in rows])
     summary = (f"CLIP-Lite ÷ InfoNCE samples/s, per round of one step each ({args.rounds} rounds, "
                f"alternating order): median {ratio:.3f}, bootstrap 95% interval [{low:.3f}, {high:.3f}]")

@@ -346,15 +346,6 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     return cfg
 
 
-def check_bf16_accumulation(cfg: Config, precision: str) -> None:
-    """DeepSpeed accumulates bf16 gradients over micro-batches in fp32 only under ZeRO (1-3);
-    at ZeRO 0 it would sum them in bf16. Checked here for an explicit engine.precision=bf16 and
-    again once `auto` has picked a precision for the device."""
-    if precision == "bf16" and cfg.optim.grad_accum > 1 and cfg.engine.zero_stage == 0:
-        raise ConfigError(f"optim.grad_accum={cfg.optim.grad_accum} in bf16 needs engine.zero_stage >= 1: "
-                          f"DeepSpeed sums bf16 gradients between micro-batches in fp32 only under ZeRO")
-
-
 def _get(cfg: Config, key: str) -> Any:
     obj: Any = cfg
     for part in key.split("."):
@@ -419,7 +410,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio!r} must be within [0, 1]")
     if cfg.engine.device == "cpu":
         check_precision(cfg.engine.precision, "cpu")
-    check_bf16_accumulation(cfg, cfg.engine.precision)
     if cfg.data.synthetic.train_samples > 0 and not cfg.data.synthetic.dir:
         raise ConfigError("data.synthetic.dir must name where to write the synthetic shards")
     if not cfg.run.name or "/" in cfg.run.name:

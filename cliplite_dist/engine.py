@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cliplite_dist.config import Config, EngineConfig, OptimConfig, check_bf16_accumulation, check_precision
+from cliplite_dist.config import Config, EngineConfig, OptimConfig, check_precision
 from cliplite_dist.lookahead import Lookahead
 
 PARTS = ("image", "text", "critic")
@@ -97,23 +97,33 @@ def set_lr(optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
+def runs_autocast(precision: str, zero_stage: int) -> bool:
+    """bf16 without ZeRO runs as torch autocast over fp32 weights, as open_clip's AMP does: our
+    optimizer steps the fp32 weights itself, gradients are fp32 between micro-batches and on the
+    wire. DeepSpeed's own bf16 at ZeRO 0 (its unfused 16-bit optimizer) reads a value back to the
+    host once per parameter tensor at every step (docs/design.md). Under ZeRO 1-3 its bf16 steps
+    flat, partitioned fp32 master weights, and bf16 weights halve what ZeRO-3 gathers."""
+    return precision == "bf16" and zero_stage == 0
+
+
 def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) -> dict:
-    """DeepSpeed's config for our run. Under every ZeRO stage DeepSpeed's bf16 keeps fp32 master
-    weights and optimizer state; what it keeps in bf16 by default is gradients on the wire and
-    between micro-batches, where open_clip's AMP keeps fp32, so here both are fp32 (the second
-    where DeepSpeed can: ZeRO 1-3; `check_bf16_accumulation` refuses the rest). `load_universal`:
-    the engine will load a universal checkpoint (a resume on another number of ranks)."""
+    """DeepSpeed's config for our run. bf16 keeps fp32 weights (autocast, ZeRO 0) or fp32 master
+    weights (ZeRO 1-3) and fp32 optimizer state; what DeepSpeed's bf16 keeps in bf16 by default
+    is gradients on the wire and between micro-batches, where open_clip's AMP keeps fp32, so here
+    both are fp32. `load_universal`: the engine will load a universal checkpoint (a resume on
+    another number of ranks)."""
     zero = {"stage": cfg.engine.zero_stage}
     if cfg.engine.zero_stage == 3:
         # gather full parameters for saving so checkpoints hold consolidated 16-bit weights too
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    autocast = runs_autocast(precision, cfg.engine.zero_stage)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # bf16 needs no loss scale, so no overflow check (it read a flag back to the host every step)
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
+        "bf16": {"enabled": precision == "bf16" and not autocast, "check_grad_overflow": False},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,  # our trainer logs
@@ -121,7 +131,10 @@ def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) 
     }
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    if precision == "bf16":
+    if autocast:
+        # no module's gradients marked for bf16 reduction: all of them go over the wire in fp32
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    elif precision == "bf16":
         # a bf16 sum over 64 ranks keeps ~3 significant digits of each rank's gradient
         ds["communication_data_type"] = "fp32"
         if cfg.optim.grad_accum > 1:
@@ -137,19 +150,30 @@ class Engine:
 
     @property
     def input_dtype(self) -> torch.dtype:
+        """Images go to the device in the compute dtype (autocast's first convolution takes bf16 too)."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+    @property
+    def steps_our_optimizer(self) -> bool:
+        """DeepSpeed steps our optimizer itself, with no 16-bit or ZeRO wrapper (fp32 or autocast
+        at ZeRO 0): it clips the gradients but keeps no norm of them."""
+        return self.engine.optimizer is self.engine.basic_optimizer
 
 
 def build_engine(model: nn.Module, cfg: Config, device: torch.device, load_universal: bool = False) -> Engine:
     import deepspeed
+    from deepspeed.runtime import torch_autocast
 
     precision = resolve_precision(cfg.engine, device)
-    check_bf16_accumulation(cfg, precision)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
+    # DeepSpeed marks autocast on for the whole process at the first engine that enables it and
+    # never clears it; a later ZeRO engine would then reduce bf16 gradients in bf16
+    torch_autocast.TORCH_AUTOCAST_INITIALIZED = False
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, precision, load_universal))
-    if engine.world_size == 1 and cfg.engine.zero_stage == 0 and precision == "fp32":
+    built = Engine(engine=engine, precision=precision, device=device)
+    if engine.world_size == 1 and built.steps_our_optimizer:
         # One rank has nothing to average, but DeepSpeed would still flatten every gradient into
         # buckets, all-reduce them over a group of one and copy them back.
         engine.enable_backward_allreduce = False
-    return Engine(engine=engine, precision=precision, device=device)
+    return built

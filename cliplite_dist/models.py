@@ -109,10 +109,13 @@ class ContrastiveModel(nn.Module):
         text_emb = self.towers.encode_text(tokens) if tokens is not None else None
         if towers_only:
             return image_emb, text_emb
-        if embed_only:
-            return (None if image_emb is None else self.objective.embed_image(image_emb),
-                    None if text_emb is None else self.objective.embed_text(text_emb))
-        return self.objective(image_emb, text_emb)
+        # The objective runs outside autocast (bf16 without ZeRO): its similarities and losses stay
+        # fp32 (objectives.base.compute_dtype), as under DeepSpeed's bf16 weights.
+        with torch.autocast((image_emb if image_emb is not None else text_emb).device.type, enabled=False):
+            if embed_only:
+                return (None if image_emb is None else self.objective.embed_image(image_emb),
+                        None if text_emb is None else self.objective.embed_text(text_emb))
+            return self.objective(image_emb, text_emb)
 
 
 def build_model(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig) -> tuple[ContrastiveModel, Towers]:

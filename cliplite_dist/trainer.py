@@ -114,9 +114,9 @@ class Trainer:
         return True
 
     def _plain_grad_norm(self) -> float | None:
-        """Gradient norm before clipping where DeepSpeed reports none (fp32 without ZeRO: it clips
-        but discards the norm); None where the engine's own optimizer wrapper records it."""
-        if self.cfg.engine.zero_stage or self.engine_info.precision != "fp32":
+        """Gradient norm before clipping where DeepSpeed reports none (fp32 or bf16 autocast without
+        ZeRO: it clips but discards the norm); None where its optimizer wrapper records it."""
+        if not self.engine_info.steps_our_optimizer:
             return None
         norms = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

@@ -1,12 +1,17 @@
+import contextlib
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from cliplite_dist.config import Config, ConfigError, EngineConfig, ModelConfig, ObjectiveConfig, OptimConfig, \
-    load_config
+from cliplite_dist.config import Config, EngineConfig, ModelConfig, ObjectiveConfig, OptimConfig
 from cliplite_dist.engine import build_engine, deepspeed_config, lr_factor, param_groups, resolve_precision, set_lr
 from cliplite_dist.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import DispatchCount  # noqa: E402  (benchmarks/common.py: the step benchmark counts the same)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def test_deepspeed_config_follows_ours():
     ds = deepspeed_config(cfg, "bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 2.0 and ds["zero_optimization"]["stage"] == 3
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and "torch_autocast" not in ds
     assert "scheduler" not in ds  # our own schedule sets per-group rates
     # bf16: gradients summed over ranks and over micro-batches in fp32; no per-step overflow read-back
     assert ds["communication_data_type"] == "fp32" and ds["data_types"] == {"grad_accum_dtype": "fp32"}
@@ -69,13 +74,12 @@ def test_deepspeed_config_follows_ours():
     cfg.optim.grad_accum = 1
     assert "data_types" not in deepspeed_config(cfg, "bf16")
     assert "communication_data_type" not in deepspeed_config(cfg, "fp32")
-
-
-def test_bf16_accumulation_at_zero_0_is_refused_before_anything_starts():
-    with pytest.raises(ConfigError, match="engine.zero_stage >= 1"):
-        load_config(None, ["data.train=x", "engine.precision=bf16", "optim.grad_accum=2"])
-    load_config(None, ["data.train=x", "engine.precision=bf16", "optim.grad_accum=2", "engine.zero_stage=1"])
-    load_config(None, ["data.train=x", "engine.precision=fp32", "optim.grad_accum=2"])
+    # ZeRO 0: autocast over fp32 weights, every gradient reduced as it is (fp32)
+    cfg.engine.zero_stage = 0
+    ds = deepspeed_config(cfg, "bf16")
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "communication_data_type" not in ds and "data_types" not in ds
 
 
 def test_precision_auto_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
@@ -87,11 +91,12 @@ def test_precision_auto_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
     assert resolve_precision(EngineConfig(precision="bf16"), gpu) == "bf16"
 
 
-@pytest.mark.parametrize("zero,accum", [(0, 1), (1, 2), (2, 2), (3, 1)])
+@pytest.mark.parametrize("zero,accum", [(0, 2), (1, 2), (2, 2), (3, 1)])
 def test_bf16_resnet_trains_with_fp32_master_weights_and_batchnorm_statistics(single_rank_group, zero, accum):
-    """A BatchNorm tower (and the critic's BatchNorm head) in bf16 under DeepSpeed: parameters
-    in bf16, running statistics kept fp32 and updated, the optimizer's master weights fp32,
-    micro-batches accumulated (in fp32 under ZeRO 1-3)."""
+    """A BatchNorm tower (and the critic's BatchNorm head) in bf16 under DeepSpeed: the towers
+    compute in bf16; the weights the optimizer steps are fp32 (ZeRO 0: the parameters themselves,
+    under autocast; ZeRO 1-3: master copies of bf16 parameters); running statistics kept fp32 and
+    updated; micro-batches accumulated in fp32."""
     cfg = Config()
     cfg.model.name, cfg.objective.name, cfg.data.batch_size, cfg.optim.warmup_steps = "tiny-resnet", "cliplite", 4, 0
     cfg.engine.precision, cfg.engine.zero_stage, cfg.optim.grad_accum = "bf16", zero, accum
@@ -106,12 +111,71 @@ def test_bf16_resnet_trains_with_fp32_master_weights_and_batchnorm_statistics(si
         engine.backward(out.loss)
         engine.step()
         losses.append(out.loss.item())
-    assert all(math.isfinite(v) for v in losses)
-    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    assert all(math.isfinite(v) for v in losses) and len(set(losses[::accum])) == 2  # the weights moved
+    assert {p.dtype for p in engine.module.parameters()} == {torch.float32 if zero == 0 else torch.bfloat16}
     assert {p.dtype for p in engine.basic_optimizer.state} == {torch.float32}  # the tensors it steps
     norms = [m for m in engine.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert len(norms) > 4 and all(m.running_mean.dtype == torch.float32 for m in norms)
     assert all(int(m.num_batches_tracked) == 2 * accum and m.running_mean.abs().sum() > 0 for m in norms)
+    engine.eval()
+    with torch.no_grad():
+        assert all(emb.dtype == torch.bfloat16 for emb in engine(images, tokens, towers_only=True))
+
+
+@pytest.mark.parametrize("precision,accum", [("bf16", 1), ("bf16", 2), ("fp32", 1)])
+def test_a_training_step_without_zero_reads_nothing_back_to_the_host(single_rank_group, precision, accum):
+    """Forward, backward and the optimizer step (clipping included) queue work without waiting
+    for it: no value is read back, so a GPU's next step is queued ahead. DeepSpeed's own bf16
+    optimizer at ZeRO 0 read one per parameter tensor each step (121 for tiny-vit)."""
+    cfg = Config()
+    cfg.model.name, cfg.objective.name, cfg.data.batch_size, cfg.optim.grad_clip = "tiny-vit", "cliplite", 4, 1.0
+    cfg.engine.precision, cfg.optim.grad_accum = precision, accum
+    model, towers = build_model(cfg.model, cfg.objective)
+    info = build_engine(model, cfg, torch.device("cpu"))
+    images = torch.randn(4, 3, 64, 64, dtype=info.input_dtype)
+    tokens = towers.tokenizer(["a red circle", "a blue square", "two stars", "a green cross"])
+    for measured in (False, True):  # the first step builds the optimizer state
+        counted = DispatchCount()
+        with counted if measured else contextlib.nullcontext():
+            for _ in range(accum):
+                out = info.engine(images, tokens)
+                info.engine.backward(out.loss)
+                info.engine.step()
+    assert counted.host_reads == 0
+    assert info.engine.global_steps == 2
+
+
+@pytest.mark.parametrize("objective", ["cliplite", "infonce"])
+def test_under_autocast_the_towers_compute_in_bf16_and_the_objective_in_fp32(single_rank_group, objective):
+    """bf16 without ZeRO: the towers' embeddings come out of autocast in bf16, and the objective
+    (critic heads, similarities, loss) gives what it gives on those embeddings in fp32."""
+    cfg = Config()
+    cfg.model.name, cfg.objective.name, cfg.data.batch_size, cfg.engine.precision = "tiny-vit", objective, 4, "bf16"
+    model, towers = build_model(cfg.model, cfg.objective)
+    engine = build_engine(model, cfg, torch.device("cpu")).engine
+    engine.eval()
+    images = torch.randn(4, 3, 64, 64, dtype=torch.bfloat16)
+    tokens = towers.tokenizer(["a red circle", "a blue square", "two stars", "a green cross"])
+    with torch.no_grad():
+        image_emb, text_emb = engine(images, tokens, towers_only=True)
+        assert image_emb.dtype == text_emb.dtype == torch.bfloat16
+        loss = engine(images, tokens).loss
+        want = model.objective(image_emb.float(), text_emb.float()).loss
+        embedded = engine(images, None, embed_only=True)[0]
+    assert loss.dtype == embedded.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(embedded, model.objective.embed_image(image_emb.float()), rtol=1e-6, atol=1e-6)
+
+
+def test_a_zero_engine_after_an_autocast_one_still_reduces_in_fp32(single_rank_group):
+    """DeepSpeed marks autocast on for the whole process once an engine enables it: a ZeRO 1
+    engine built after it must still reduce its bf16 gradients in fp32."""
+    cfg = Config()
+    cfg.model.name, cfg.data.batch_size, cfg.engine.precision = "tiny-vit", 4, "bf16"
+    assert build_engine(build_model(cfg.model, cfg.objective)[0], cfg, torch.device("cpu")).engine.torch_autocast_enabled()
+    cfg.engine.zero_stage = 1
+    zero = build_engine(build_model(cfg.model, cfg.objective)[0], cfg, torch.device("cpu")).engine
+    assert set(zero.optimizer.ipg_buckets) == {torch.float32}
 
 
 def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu():

@@ -33,8 +33,8 @@ pytestmark = pytest.mark.gpu
 # (model, precision, ZeRO stage, gradient accumulation); tiny-resnet: BatchNorm towers
 ENGINE_CASES = [(model, precision, zero, 1) for model in ("tiny-vit",) for precision in ("bf16", "fp16")
                 for zero in (0, 1, 2, 3)]
-ENGINE_CASES += [("tiny-vit", "bf16", 1, 2), ("tiny-vit", "bf16", 2, 2),  # fp32 gradient accumulation
-                 ("tiny-resnet", "bf16", 0, 1), ("tiny-resnet", "bf16", 2, 1), ("tiny-resnet", "fp16", 1, 1)]
+ENGINE_CASES += [("tiny-vit", "bf16", zero, 2) for zero in (0, 1, 2)]  # accumulated in fp32
+ENGINE_CASES += [("tiny-resnet", "bf16", 0, 1), ("tiny-resnet", "bf16", 2, 1), ("tiny-resnet", "fp16", 1, 1)]
 STEPS = 3
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,12 +64,32 @@ def engine_case(model_name: str, precision: str, zero: int, accum: int, device: 
         info.engine.backward(out.loss)
         info.engine.step()
         losses.append(out.loss.item())
+    syncs = host_syncs_per_step(info.engine, images, tokens, accum)  # one step more
     batchnorms = [m for m in info.engine.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    return {"losses": losses, "precision": info.precision,
+    return {"losses": losses, "precision": info.precision, "autocast": info.engine.torch_autocast_enabled(),
+            "host_syncs_per_step": syncs,
             "param_dtypes": sorted({str(p.dtype) for p in info.engine.module.parameters()}),
             "master_dtypes": sorted({str(p.dtype) for p in info.engine.basic_optimizer.state}),  # what it steps
             "batchnorm_stat_dtypes": sorted({str(m.running_mean.dtype) for m in batchnorms}),
             "batchnorm_steps": sorted({int(m.num_batches_tracked) for m in batchnorms})}
+
+
+def host_syncs_per_step(engine, images, tokens, accum: int) -> int:
+    """How often one more optimizer step (its micro-batches' forward and backward included) made
+    the host wait for the GPU, by CUDA's sync debug mode."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(accum):
+                engine.backward(engine(images, tokens).loss)
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def engine_cases_main(out: str) -> None:
@@ -109,14 +129,20 @@ def test_nccl_group_of_one_rank(engine_results):
 
 @pytest.mark.parametrize("case", ENGINE_CASES, ids=case_id)
 def test_low_precision_steps_under_every_zero_stage(engine_results, case):
-    """Parameters in the training dtype, fp32 master weights in the optimizer, finite losses
-    that change from step to step on a repeated batch (bf16; fp16's first steps may be skipped
-    while its loss scale settles), BatchNorm statistics kept fp32 and updated."""
-    model, precision, _, accum = case
+    """Parameters in the training dtype (bf16 at ZeRO 0: fp32 under autocast, and no host sync in
+    a step), fp32 weights in the optimizer, finite losses that change from step to step on a
+    repeated batch (bf16; fp16's first steps may be skipped while its loss scale settles),
+    BatchNorm statistics kept fp32 and updated."""
+    model, precision, zero, accum = case
     result = engine_results["cases"][case_id(case)]
     assert "error" not in result, result.get("error")
     assert result["precision"] == precision
-    assert result["param_dtypes"] == [str(LOW_PRECISION[precision])]
+    # bf16 without ZeRO: autocast over fp32 weights, which our optimizer steps with no host sync
+    autocast = precision == "bf16" and zero == 0
+    assert result["autocast"] == autocast
+    assert result["param_dtypes"] == [str(torch.float32 if autocast else LOW_PRECISION[precision])]
+    if autocast:
+        assert result["host_syncs_per_step"] == 0
     # the tensors the optimizer stepped (fp16 may have skipped every step while its loss scale settled)
     assert result["master_dtypes"] == ["torch.float32"] or (precision == "fp16" and not result["master_dtypes"])
     assert len(result["losses"]) == STEPS * accum and all(math.isfinite(v) for v in result["losses"])
@@ -124,7 +150,7 @@ def test_low_precision_steps_under_every_zero_stage(engine_results, case):
         assert len(set(result["losses"][::accum])) == STEPS, result["losses"]
     if model == "tiny-resnet":
         assert result["batchnorm_stat_dtypes"] == ["torch.float32"]
-        assert result["batchnorm_steps"] == [STEPS * accum]
+        assert result["batchnorm_steps"] == [(STEPS + 1) * accum]
 
 
 @pytest.fixture(scope="module")
