@@ -35,7 +35,8 @@ Stages, measured on the same shards:
 With --device-rows (on a GPU) it measures the training device's share instead: a batch of 256
 whole images with their crop boxes (the per-GPU batch of the GPU recipes) copied from pinned
 memory to the GPU, and resized + normalised there by one batched resampling (what the trainer
-runs) against one interpolate per crop (the reference; the CPU's path).
+runs) against one interpolate per crop (the reference; the CPU's path). `--device cpu --quick`
+runs the same code at 16 images (gpu_check.py's CPU rehearsal).
 
 Shards hold synthetic caption scenes, written once into --cache-dir and reused: 64 px for
 tiny-vit (the tiny-cpu recipe), 256 px (img2dataset's default size) and 512 px for ViT-B-32
@@ -71,8 +72,8 @@ from cliplite_dist.data.imagebatch import RaggedImages, collate_images
 from cliplite_dist.data.transforms import (DeviceTransform, decode_pil, decode_torchvision, decode_uint8,
                                            uint8_train_transform)
 from cliplite_dist.models import Towers, build_towers
-from common import (add_common_args, entry_point, markdown_table, pyplot, results_folder, run_cells, save_figure,
-                    timed, write_results)
+from common import (add_common_args, cpu_model, entry_point, markdown_table, pyplot, results_folder, run_cells,
+                    save_figure, timed, write_results)
 
 SETS = (("tiny-vit", 64), ("ViT-B-32", 256), ("ViT-B-32", 512))  # (model, side of the stored JPEGs in px)
 SHARD_SIZE, FULL_SHARDS, QUICK_SHARDS = 500, 4, 1
@@ -372,15 +373,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 # ---- the training device's share, on a GPU -------------------------------------------------------
-DEVICE_BATCH, DEVICE_SETS, DEVICE_REPEATS = 256, (("ViT-B-32", 256), ("ViT-B-32", 512)), 20
+DEVICE_SETS = (("ViT-B-32", 256), ("ViT-B-32", 512))
+DEVICE_BATCH, DEVICE_REPEATS = 256, 20
+QUICK_DEVICE_BATCH, QUICK_DEVICE_REPEATS = 16, 2
 
 
-def device_batch(cache: Path, model: str, image_px: int, pin: bool = True) -> tuple[RaggedImages, T.Compose]:
-    """DEVICE_BATCH whole images with their crop boxes as a worker sends them (pinned, as the
-    loader's pinning thread leaves them), and the model's train transform."""
-    root = cache / f"{image_px}px-device"
-    ensure_corpus(SyntheticConfig(dir=str(root), train_samples=DEVICE_BATCH, shard_size=DEVICE_BATCH,
-                                  image_size=image_px))
+def device_batch(cache: Path, model: str, image_px: int, size: int,
+                 pin: bool = True) -> tuple[RaggedImages, T.Compose]:
+    """`size` whole images with their crop boxes as a worker sends them (pinned, as the loader's
+    pinning thread leaves them), and the model's train transform."""
+    root = cache / f"{image_px}px-device-{size}"
+    ensure_corpus(SyntheticConfig(dir=str(root), train_samples=size, shard_size=size, image_size=image_px))
     images, _ = load_shards(tuple(str(path) for path in sorted((root / "train").glob("train-*.tar"))))
     pil_transform = towers(model).train_transform
     crop = uint8_train_transform(pil_transform, resize=False)
@@ -388,12 +391,12 @@ def device_batch(cache: Path, model: str, image_px: int, pin: bool = True) -> tu
     return (batch.pin_memory() if pin else batch), pil_transform
 
 
-def device_rows(cache: Path, gpu: torch.device) -> list[dict]:
-    """ms per batch (median of DEVICE_REPEATS, synchronised) of each step the training device
-    takes with data.resize_on=device."""
+def device_rows(cache: Path, gpu: torch.device, size: int, repeats: int) -> list[dict]:
+    """ms per batch (median of `repeats`, synchronised) of each step the training device takes
+    with data.resize_on=device."""
     rows = []
     for model, image_px in DEVICE_SETS:
-        batch, pil_transform = device_batch(cache, model, image_px, pin=gpu.type == "cuda")
+        batch, pil_transform = device_batch(cache, model, image_px, size, pin=gpu.type == "cuda")
         on_gpu = batch.to(gpu)
         transform = DeviceTransform(pil_transform, gpu, torch.bfloat16)
         steps = {"copy to the GPU (pinned)": lambda: batch.to(gpu, non_blocking=True),
@@ -401,24 +404,26 @@ def device_rows(cache: Path, gpu: torch.device) -> list[dict]:
                  "resize, batched": lambda: transform.resize(on_gpu),
                  "resize, one interpolate per crop": lambda: transform.resize_each(on_gpu)}
         for step, run in steps.items():
-            seconds = timed(run, DEVICE_REPEATS)
-            rows.append({"model": model, "image_px": image_px, "batch": DEVICE_BATCH, "step": step,
-                         "ms_per_batch": round(1000 * seconds, 3), "samples_per_s": round(DEVICE_BATCH / seconds)})
+            seconds = timed(run, repeats)
+            rows.append({"model": model, "image_px": image_px, "batch": size, "step": step,
+                         "ms_per_batch": round(1000 * seconds, 3), "samples_per_s": round(size / seconds)})
             print(rows[-1], flush=True)
     return rows
 
 
 def write_device_rows(args: argparse.Namespace) -> None:
-    rows = device_rows(Path(args.cache_dir), torch.device("cuda"))
-    gpu = torch.cuda.get_device_name()
+    device = torch.device(args.device)
+    size, repeats = (QUICK_DEVICE_BATCH, QUICK_DEVICE_REPEATS) if args.quick else (DEVICE_BATCH, DEVICE_REPEATS)
+    rows = device_rows(Path(args.cache_dir), device, size, repeats)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_model()})"
     table = markdown_table(["model", "image px", "batch", "step", "ms per batch", "samples/s"],
                            [[r["model"], r["image_px"], r["batch"], r["step"], f"{r['ms_per_batch']:.2f}",
                              f"{r['samples_per_s']:,}"] for r in rows])
-    intro = (f"The training device's share with data.resize_on=device on one {gpu}: whole images and crop "
-             f"boxes (open_clip's, scale 0.9-1) of {DEVICE_BATCH} images; medians of {DEVICE_REPEATS} "
+    intro = (f"The training device's share with data.resize_on=device on one {name}: whole images and crop "
+             f"boxes (open_clip's, scale 0.9-1) of {size} images; medians of {repeats} "
              "synchronised runs. Resized to 224 px, normalised to bf16.")
     folder = results_folder("data", args.machine_name, args.results_dir)
-    write_results(folder, rows, f"{intro}\n\n{table}\n", device_rows=True, batch_size=DEVICE_BATCH)
+    write_results(folder, rows, f"{intro}\n\n{table}\n", device_rows=True, batch_size=size)
     print(table)
     print(f"written to {folder}")
 
@@ -430,7 +435,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="/tmp/cliplite-bench-data",
                         help="where the benchmark shards are written once and reused "
                              "(a shared filesystem with --slurm)")
-    parser.add_argument("--device-rows", action="store_true", help="only the GPU's share (needs a GPU)")
+    parser.add_argument("--device-rows", action="store_true", help="only the training device's share")
+    parser.add_argument("--device", default="cuda", help="--device-rows: the training device")
     args = parser.parse_args()
     if args.device_rows:
         write_device_rows(args)

@@ -21,6 +21,12 @@ DIR/gpu_check.tgz after each part (a run cut short still hands back what finishe
 summary, DIR/gpu_check.md; without it, results go to benchmarks/results/ directly.
 
     python benchmarks/gpu_check.py --recipes --machine-name h200   # the recipe part alone
+
+Before a lent GPU's minutes go into it, rehearse the whole check on a CPU: the same parts,
+orchestration and packing, each part at toy sizes (micro-vit, batch 8, a few steps; the `gpu`
+tests collected and skipped), results under the rehearsal's own machine name:
+
+    python benchmarks/gpu_check.py --rehearse --wheels '' --out /tmp/rehearsal   # this environment's packages
 """
 from __future__ import annotations
 
@@ -72,8 +78,10 @@ def install_wheels(folder: Path, site: Path) -> None:
                     "--upgrade", "--target", str(site), *map(str, sorted(folder.glob("*.whl")))], check=True)
 
 
-def machine_name() -> str:
-    """'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100-sxm4-80gb'."""
+def machine_name(scale: Scale) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100-sxm4-80gb'; a rehearsal's own."""
+    if scale is REHEARSAL:
+        return "cpu-rehearsal"
     import torch
 
     name = torch.cuda.get_device_name(0).lower().removeprefix("nvidia").strip()
@@ -90,24 +98,54 @@ class Part:
     report: Path | None = None  # where the end of its log is kept as its results (the tests' summary)
 
 
-def parts(machine: str, results: Path, wheels: Path, work: Path) -> list[Part]:
+@dataclass(frozen=True)
+class Scale:
+    """The sizes the parts run at: the check's on a GPU, or a rehearsal's on a CPU."""
+    device: str
+    model: str  # vs_open_clip and step_breakdown
+    batch: int
+    steps: int  # vs_open_clip, per run
+    log_every: int
+    workers: int
+    pairs: int
+    rounds: int  # step_breakdown
+    recipe_steps: int
+    recipe_overrides: tuple[str, ...] = ()  # on top of each recipe as it stands
+    data_args: tuple[str, ...] = ()  # data.py --device-rows
+
+
+GPU = Scale("cuda", "ViT-B-32", 256, steps=40, log_every=10, workers=8, pairs=2, rounds=20, recipe_steps=20)
+# Toy sizes on the CPU; the recipes keep their objective, ZeRO stage, precision and augmentation.
+REHEARSAL = Scale("cpu", "micro-vit", 8, steps=4, log_every=2, workers=1, pairs=1, rounds=2, recipe_steps=4,
+                  recipe_overrides=("model.name=micro-vit", "data.batch_size=8", "data.workers=1"),
+                  data_args=("--device", "cpu", "--quick"))
+
+
+def parts(machine: str, results: Path, wheels: Path | None, work: Path, scratch: Path, scale: Scale) -> list[Part]:
+    """Each part's logs go under `work` (packed with --out); its shards and runs under `scratch`."""
     py, name = sys.executable, ["--machine-name", machine, "--results-dir", str(results)]
     tests = results / "gpu_tests" / machine
+    open_clip_wheels = ["--wheels", str(wheels / "open_clip")] if wheels else []
+    rehearse = ["--rehearse"] if scale is REHEARSAL else []
     return [
-        Part("environment", [py, "-c", "import torch, deepspeed, open_clip, simplejpeg; "
-                             "print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), "
-                             "torch.cuda.get_device_capability(), 'deepspeed', deepspeed.__version__, "
-                             "'open_clip', open_clip.__version__)"], 90, 30),
+        Part("environment", [py, "-c", "import sys, torch, deepspeed, open_clip, simplejpeg; "
+                             "gpu = sys.argv[1] == 'cuda'; "  # a GPU check on a machine whose CUDA fails stops here
+                             "print(torch.__version__, torch.version.cuda, "
+                             "torch.cuda.get_device_name() if gpu else 'CPU rehearsal', "
+                             "torch.cuda.get_device_capability() if gpu else '', 'deepspeed', deepspeed.__version__, "
+                             "'open_clip', open_clip.__version__)", scale.device], 90, 30),
         Part("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
                            "tests/test_gpu.py", f"--junitxml={tests / 'junit.xml'}"], 170, 90, tests / "results.md"),
-        Part("vs_open_clip", [py, "benchmarks/vs_open_clip.py", "--model", "ViT-B-32", "--batch", "256",
-                              "--precision", "bf16", "--steps", "40", "--log-every", "10", "--workers", "8",
-                              "--pairs", "2", "--wheels", str(wheels / "open_clip"), *name], 240, 120),
-        Part("step_breakdown", [py, "benchmarks/step_breakdown.py", "--model", "ViT-B-32", "--batch", "256",
-                                "--rounds", "20", *name], 90, 40),
-        Part("data device rows", [py, "benchmarks/data.py", "--device-rows", *name], 90, 30),
-        Part("recipes", [py, "benchmarks/gpu_check.py", "--recipes", "--steps", "20", "--work", str(work), *name],
-             200, 90),
+        Part("vs_open_clip", [py, "benchmarks/vs_open_clip.py", "--model", scale.model, "--batch", str(scale.batch),
+                              "--precision", "bf16", "--steps", str(scale.steps), "--log-every", str(scale.log_every),
+                              "--workers", str(scale.workers), "--pairs", str(scale.pairs),
+                              "--out", str(scratch / "vs_open_clip"), *open_clip_wheels, *name], 240, 120),
+        Part("step_breakdown", [py, "benchmarks/step_breakdown.py", "--model", scale.model, "--batch", str(scale.batch),
+                                "--rounds", str(scale.rounds), *name], 90, 40),
+        Part("data device rows", [py, "benchmarks/data.py", "--device-rows", "--cache-dir", str(scratch / "data"),
+                                  *scale.data_args, *name], 90, 30),
+        Part("recipes", [py, "benchmarks/gpu_check.py", "--recipes", *rehearse, "--steps", str(scale.recipe_steps),
+                         "--work", str(work), "--scratch", str(scratch / "recipes"), *name], 200, 90),
     ]
 
 
@@ -141,20 +179,25 @@ def pack(work: Path, out: Path) -> None:
 
 def check(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    wheels = Path(args.wheels).resolve()
+    wheels = Path(args.wheels).resolve() if args.wheels else None  # '': this environment's packages
     site = Path(args.site)
-    install_wheels(wheels, site)
+    if wheels:
+        install_wheels(wheels, site)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(site), os.environ.get("PYTHONPATH", "")])}
-    machine = args.machine_name or machine_name()
+           "PYTHONPATH": os.pathsep.join([str(REPO), *([str(site)] if wheels else []),
+                                          os.environ.get("PYTHONPATH", "")])}
+    scale = REHEARSAL if args.rehearse else GPU
+    machine = args.machine_name or machine_name(scale)
     out = Path(args.out).resolve() if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     results, logs = (work / "results" if out else BENCH_DIR / "results"), work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (results / "gpu_tests" / machine).mkdir(parents=True, exist_ok=True)
     rows = []
-    for part in parts(machine, results, wheels, work):
+    for part in parts(machine, results, wheels, work, Path(args.scratch), scale):
         left = args.budget_s - (time.perf_counter() - started)
         if left < part.needs_s:
             status, seconds = f"skipped: {left:.0f} s of the budget left, needs {part.needs_s}", 0.0
@@ -172,22 +215,25 @@ def check(args: argparse.Namespace) -> None:
             (out / "gpu_check.md").write_text(summary)
             pack(work, out)
     print(summary)
+    if any(status != "ok" for _, status, _ in rows):
+        sys.exit(1)
 
 
 # ---- the recipe part -----------------------------------------------------------------------------
-def recipe_overrides(shards: Path, run_dir: Path, name: str, steps: int) -> list[str]:
+def recipe_overrides(shards: Path, run_dir: Path, name: str, steps: int, scale: Scale) -> list[str]:
     """The recipe as it stands but for its data (synthetic shards, resampled: no epoch ends,
     which would restart the loader workers) and its length; no evaluation sets."""
-    return [f"data.train={shards}", "data.eval=''", "data.eval_zeroshot=''", "data.eval_probe=''",
-            "data.resampled=true", "data.samples_per_epoch=100000000", "data.synthetic.train_samples=0",
-            f"train.steps={steps}", f"train.log_every={max(1, steps // 4)}", "train.checkpoint_every=0",
-            "train.eval_every=0", f"run.output_dir={run_dir}", f"run.name={name}", "run.resume=never"]
+    return [*scale.recipe_overrides, f"data.train={shards}", "data.eval=''", "data.eval_zeroshot=''",
+            "data.eval_probe=''", "data.resampled=true", "data.samples_per_epoch=100000000",
+            "data.synthetic.train_samples=0", f"train.steps={steps}", f"train.log_every={max(1, steps // 4)}",
+            "train.checkpoint_every=0", "train.eval_every=0", f"run.output_dir={run_dir}", f"run.name={name}",
+            "run.resume=never"]
 
 
-def measure_recipe(recipe: str, shards: Path, run_dir: Path, logs: Path, steps: int) -> dict:
+def measure_recipe(recipe: str, shards: Path, run_dir: Path, logs: Path, steps: int, scale: Scale) -> dict:
     from cliplite_dist.config import load_config
 
-    overrides = recipe_overrides(shards, run_dir, recipe, steps)
+    overrides = recipe_overrides(shards, run_dir, recipe, steps, scale)
     cfg = load_config(REPO / "recipes" / f"{recipe}.yaml", overrides)
     proc = subprocess.run([sys.executable, "-m", "cliplite_dist", str(REPO / "recipes" / f"{recipe}.yaml"),
                            *overrides], capture_output=True, text=True)
@@ -208,11 +254,12 @@ def measure_recipe(recipe: str, shards: Path, run_dir: Path, logs: Path, steps: 
     return row
 
 
-def write_recipe_results(rows: list[dict], folder: Path, steps: int) -> None:
-    from common import markdown_table, write_results
+def write_recipe_results(rows: list[dict], folder: Path, steps: int, scale: Scale) -> None:
+    from common import cpu_model, markdown_table, write_results
 
     import torch
 
+    device = torch.cuda.get_device_name() if scale.device == "cuda" else f"CPU ({cpu_model()}), a rehearsal"
     table = markdown_table(
         ["recipe", "model", "objective", "batch / GPU", "ZeRO", "grad ckpt", "samples/s", "step (ms)",
          "peak memory (GiB)", "data wait", "exit"],
@@ -220,11 +267,13 @@ def write_recipe_results(rows: list[dict], folder: Path, steps: int) -> None:
           r.get("samples_per_s", "-"), r.get("step_ms", "-"), r.get("peak_mem_gib", "-"),
           r.get("data_wait_frac", "-"), r["exit_code"]] for r in rows])
     intro = (f"Each GPU recipe as it stands (model, objective, per-GPU batch, precision auto -> bf16, ZeRO stage, "
-             f"workers, augmentation) on one {torch.cuda.get_device_name()}, {steps} steps on "
+             f"workers, augmentation) on one {device}, {steps} steps on "
              "synthetic shards of 64 px JPEGs (decoding costs less than on real 256 px shards; the model's "
              "cost is real), resampled. samples/s: median of the logging windows after the first; peak "
              "memory: the CUDA allocator's peak (train/peak_mem_gib).")
-    write_results(folder, rows, f"{intro}\n\n{table}\n", steps=steps)
+    if scale.recipe_overrides:
+        intro += f" A rehearsal: {', '.join(scale.recipe_overrides)} on top of each recipe."
+    write_results(folder, rows, f"{intro}\n\n{table}\n", steps=steps, overrides=list(scale.recipe_overrides))
     print(table, flush=True)
 
 
@@ -238,25 +287,28 @@ def run_recipes(args: argparse.Namespace) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     logs.mkdir(parents=True, exist_ok=True)
     ensure_corpus(SyntheticConfig(dir=str(scratch / "shards"), train_samples=2048, shard_size=128, image_size=64))
-    folder = results_folder("recipes", args.machine_name or machine_name(), args.results_dir)
-    rows = []
+    scale = REHEARSAL if args.rehearse else GPU
+    folder = results_folder("recipes", args.machine_name or machine_name(scale), args.results_dir)
+    steps, rows = args.steps or scale.recipe_steps, []
     for recipe in RECIPES:
-        rows.append(measure_recipe(recipe, scratch / "shards" / "train", scratch / "runs", logs, args.steps))
-        write_recipe_results(rows, folder, args.steps)
+        rows.append(measure_recipe(recipe, scratch / "shards" / "train", scratch / "runs", logs, steps, scale))
+        write_recipe_results(rows, folder, steps, scale)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fetch-wheels", action="store_true", help="here: download / build the wheels into --wheels")
     parser.add_argument("--recipes", action="store_true", help="only run the GPU recipes (the last part)")
-    parser.add_argument("--wheels", default=str(WHEELS))
+    parser.add_argument("--rehearse", action="store_true", help="on a CPU: every part at toy sizes")
+    parser.add_argument("--wheels", default=str(WHEELS), help="installed for every part ('': this environment's)")
     parser.add_argument("--python-version", default="3.12", help="--fetch-wheels: the GPU machine's python3")
     parser.add_argument("--site", default="/tmp/cliplite-gpu-site", help="where the wheels are installed")
     parser.add_argument("--out", default=None, help="pack results and logs into OUT/gpu_check.tgz after every part")
     parser.add_argument("--work", default="/tmp/cliplite-gpu-check", help="logs (and, with --out, results)")
-    parser.add_argument("--scratch", default="/tmp/cliplite-gpu-recipes", help="--recipes: shards and runs")
+    parser.add_argument("--scratch", default="/tmp/cliplite-gpu-scratch",
+                        help="the parts' shards and runs (not packed)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole check's time")
-    parser.add_argument("--steps", type=int, default=20, help="--recipes: steps per recipe")
+    parser.add_argument("--steps", type=int, default=None, help="--recipes: steps per recipe (default: the scale's)")
     parser.add_argument("--machine-name", default=None, help="results folder name (default: from the GPU's name)")
     parser.add_argument("--results-dir", default=str(BENCH_DIR / "results"))
     args = parser.parse_args()

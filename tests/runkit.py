@@ -43,19 +43,17 @@ def tiny_overrides(corpus: Path, out: Path, **kw) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-# console script -> its function in cliplite_dist.cli (setup.py's entry points)
-ENTRY_POINTS = {"cliplite-train": "train_main", "cliplite-export": "export_main", "cliplite-eval": "eval_main"}
-
-
 def console_command(name: str) -> list[str]:
     """The installed console script: beside this interpreter (a venv not on PATH), else on PATH,
     else (the package importable but not installed, as on a GPU machine that gets it on
-    PYTHONPATH) its entry-point function run by this interpreter."""
+    PYTHONPATH) its entry-point function run by this interpreter: setup.py points
+    cliplite-NAME at cliplite_dist.cli's NAME_main."""
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
     if found:
         return [found]
-    return [sys.executable, "-c", f"import sys; from cliplite_dist.cli import {ENTRY_POINTS[name]} as main; "
+    function = name.removeprefix("cliplite-") + "_main"
+    return [sys.executable, "-c", f"import sys; from cliplite_dist.cli import {function} as main; "
                                   f"sys.argv[0] = {name!r}; main()"]
 
 

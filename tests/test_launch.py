@@ -56,15 +56,15 @@ def test_dry_run_needs_no_slurm_tools_and_every_option_has_help(tmp_path):
     import sys
     from pathlib import Path
 
-    from runkit import run
+    from runkit import console_command, run
 
-    submit = Path(sys.executable).parent / "cliplite-submit"
+    submit = console_command("cliplite-submit")
     path = str(Path(sys.executable).parent)
-    proc = run([str(submit), RECIPE, "--nodes", "2", "--gpus-per-node", "8", "--time", "60", "--dry-run",
+    proc = run([*submit, RECIPE, "--nodes", "2", "--gpus-per-node", "8", "--time", "60", "--dry-run",
                 f"run.output_dir={tmp_path}"], PATH=path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "#SBATCH --nodes=2" in proc.stdout and "srun --unbuffered" in proc.stdout
-    assert "--mem" in run([str(submit), "--help"], PATH=path).stdout
+    assert "--mem" in run([*submit, "--help"], PATH=path).stdout
     options = [a for a in submit_parser()._actions if a.option_strings and a.dest != "help"]
     assert {"dry_run", "mem", "sweep", "local", "wait"} <= {a.dest for a in options} and len(options) >= 18
     assert [a.option_strings[0] for a in options if not a.help] == []
@@ -95,12 +95,9 @@ def test_submitit_local_executor_environment_gives_ranks():
 
 
 def test_local_executor_runs_the_same_job_on_two_processes(tiny_corpus, tmp_path):
-    from pathlib import Path
-    import sys
+    from runkit import console_command, run, tiny_overrides
 
-    from runkit import run, tiny_overrides
-
-    cmd = [str(Path(sys.executable).parent / "cliplite-submit"), RECIPE, "--local", "--tasks-per-node", "2",
+    cmd = [*console_command("cliplite-submit"), RECIPE, "--local", "--tasks-per-node", "2",
            "--time", "10", "--wait"] + tiny_overrides(tiny_corpus, tmp_path, **{"train.steps": 2, "data.eval": "''"})
     proc = run(cmd, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -2,9 +2,7 @@
 skipped and counted or refused by name; stats writes sizes.json for img2dataset-like output."""
 import io
 import json
-import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import fsspec
 import pytest
 import webdataset as wds
 from PIL import Image
+from runkit import console_command
 from shardkit import jpeg, write_shards
 
 from cliplite_dist.data.badsamples import BadDataCounter
@@ -25,11 +24,8 @@ GOOD = {1: 2, 2: 5, 3: 3, 4: 4}  # image id -> number of captions, for images th
 
 
 def prep(*args: str) -> subprocess.CompletedProcess:
-    """The installed console script, beside this interpreter (a venv not on PATH) or on PATH."""
-    beside = Path(sys.executable).parent / "cliplite-prep"
-    script = str(beside) if beside.exists() else shutil.which("cliplite-prep")
-    assert script, "cliplite-prep is not installed: pip install -e ."
-    return subprocess.run([script, *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*console_command("cliplite-prep"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
 
 
 def png(rgb) -> bytes:
