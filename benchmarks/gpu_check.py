@@ -129,7 +129,7 @@ def parts(machine: str, results: Path, wheels: Path | None, work: Path, scratch:
     rehearse = ["--rehearse"] if scale is REHEARSAL else []
     return [
         Part("environment", [py, "-c", "import sys, torch, deepspeed, open_clip, simplejpeg; "
-                             "gpu = sys.argv[1] == 'cuda'; "  # a GPU check on a machine whose CUDA fails stops here
+                             "gpu = sys.argv[1] == 'cuda'; "  # on a GPU, this part fails where CUDA does
                              "print(torch.__version__, torch.version.cuda, "
                              "torch.cuda.get_device_name() if gpu else 'CPU rehearsal', "
                              "torch.cuda.get_device_capability() if gpu else '', 'deepspeed', deepspeed.__version__, "
