@@ -45,8 +45,12 @@ THEIR_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
 _WINDOW = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([0-9.]+)")
 
 
+def open_clip_deps_installed() -> bool:
+    return (OPEN_CLIP_DEPS / "webdataset-0.2.86.dist-info").exists()
+
+
 def ensure_open_clip_deps(wheels: str | None) -> None:
-    if (OPEN_CLIP_DEPS / "webdataset-0.2.86.dist-info").exists():
+    if open_clip_deps_installed():
         return
     packages = ["--no-index", *map(str, sorted(Path(wheels).glob("*.whl")))] if wheels else OPEN_CLIP_PINS
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(OPEN_CLIP_DEPS),

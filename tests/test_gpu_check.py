@@ -20,7 +20,7 @@ import vs_open_clip  # noqa: E402
 def open_clip_train_deps_reachable(tmp_path: Path) -> bool:
     """open_clip_train's pinned webdataset is installed for the benchmarks already, or a package
     registry can hand it over (vs_open_clip.py installs it on first use)."""
-    if (vs_open_clip.OPEN_CLIP_DEPS / "webdataset-0.2.86.dist-info").exists():
+    if vs_open_clip.open_clip_deps_installed():
         return True
     probe = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--retries", "0",
                             "--timeout", "10", "-d", str(tmp_path), vs_open_clip.OPEN_CLIP_PINS[0]],
