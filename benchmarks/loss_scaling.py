@@ -280,10 +280,14 @@ def measure_communication(cell: dict) -> dict | None:
 
 def measure(cell: dict) -> dict | None:
     """The row of one cell on rank 0, None on the other ranks."""
+    from cliplite_dist.config import EngineConfig
     from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
+    from cliplite_dist.engine import set_cuda_math
 
     env = DistEnv.from_environ()
-    init_distributed(env, pick_device("auto", env.local_rank))
+    device = pick_device("auto", env.local_rank)
+    set_cuda_math(EngineConfig(), device)  # on a GPU, the objectives compute as in training
+    init_distributed(env, device)
     malloc_thresholds(STEADY_MMAP_BYTES)  # every cell timed alike, the first too
     if cell["part"] == "communication":
         return measure_communication(cell)

@@ -1,6 +1,7 @@
 """Our trainer against open_clip's (`open_clip_train`, from the open-clip-torch package) on the
-same work: the same shards, open_clip model config, batch size, precision, optimizer settings,
-worker count and number of steps, run in alternation so that drift of the machine hits both.
+same work: the same shards, open_clip model config, batch size, precision (on a GPU, the same TF32
+and cuDNN settings), optimizer settings, worker count and number of steps, run in alternation so
+that drift of the machine hits both.
 
 Throughput is each trainer's own steady-state measure, defined alike: samples per second over a
 logging window (data wait included), median over the windows after the first (which holds

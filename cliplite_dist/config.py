@@ -190,6 +190,9 @@ class EngineConfig:
     device: Device = "auto"
     precision: Precision = "auto"
     zero_stage: ZeroStage = 0
+    # On GPUs: fp32 matrix products and convolutions in TF32 (Ampere on), as open_clip_train runs;
+    # false keeps them in full fp32
+    tf32: bool = True
 
 
 @dataclass

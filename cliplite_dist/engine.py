@@ -38,6 +38,18 @@ def resolve_precision(cfg: EngineConfig, device: torch.device) -> str:
     return "bf16" if has_native_bf16(device) else "fp16"
 
 
+def set_cuda_math(cfg: EngineConfig, device: torch.device) -> None:
+    """Process-wide CUDA math, as open_clip_train sets it: fp32 matrix products and convolutions
+    in TF32 where engine.tf32 (PyTorch has run matrix products in full fp32 by default since 1.12,
+    far below the tensor cores' TF32 rate), and cuDNN times its convolution algorithms once per
+    input shape and keeps the fastest (a run's shapes are fixed). Nothing changes on CPU."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.benchmark = True
+
+
 def _part_of(name: str) -> str:
     if name.startswith("objective."):
         return "critic"
@@ -165,6 +177,7 @@ def build_engine(model: nn.Module, cfg: Config, device: torch.device, load_unive
     from deepspeed.runtime import torch_autocast
 
     precision = resolve_precision(cfg.engine, device)
+    set_cuda_math(cfg.engine, device)
     optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
     # DeepSpeed marks autocast on for the whole process at the first engine that enables it and
     # never clears it; a later ZeRO engine would then reduce bf16 gradients in bf16

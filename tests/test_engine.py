@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cliplite_dist.config import Config, EngineConfig, ModelConfig, ObjectiveConfig, OptimConfig
-from cliplite_dist.engine import build_engine, deepspeed_config, lr_factor, param_groups, resolve_precision, set_lr
+from cliplite_dist.engine import build_engine, deepspeed_config, lr_factor, param_groups, resolve_precision, set_cuda_math, \
+    set_lr
 from cliplite_dist.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -89,6 +90,31 @@ def test_precision_auto_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert resolve_precision(EngineConfig(precision="auto"), gpu) == expected, capability
     assert resolve_precision(EngineConfig(precision="bf16"), gpu) == "bf16"
+
+
+@pytest.fixture
+def cuda_math():
+    """PyTorch's defaults for the process-wide flags `set_cuda_math` sets, restored afterwards
+    (monkeypatch cannot: torch's flag holders answer getattr but not its lookup)."""
+    flags = ((torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", True),
+             (torch.backends.cudnn, "benchmark", False))
+    saved = [getattr(holder, name) for holder, name, _ in flags]
+    for holder, name, default in flags:
+        setattr(holder, name, default)
+    yield lambda: tuple(getattr(holder, name) for holder, name, _ in flags)
+    for (holder, name, _), value in zip(flags, saved):
+        setattr(holder, name, value)
+
+
+def test_gpus_compute_fp32_in_tf32_and_autotune_convolutions_as_open_clip_train(cuda_math):
+    """Setting the flags needs no GPU: what a CUDA device would get, and that a CPU run changes
+    nothing (a CPU has no TF32; on a machine with a GPU, its other runs keep PyTorch's defaults)."""
+    set_cuda_math(EngineConfig(), torch.device("cpu"))
+    assert cuda_math() == (False, True, False)
+    set_cuda_math(EngineConfig(), torch.device("cuda", 0))
+    assert cuda_math() == (True, True, True)
+    set_cuda_math(EngineConfig(tf32=False), torch.device("cuda", 0))
+    assert cuda_math() == (False, False, True)  # full fp32, convolutions too
 
 
 @pytest.mark.parametrize("zero,accum", [(0, 2), (1, 2), (2, 2), (3, 1)])

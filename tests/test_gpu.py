@@ -111,6 +111,9 @@ def engine_cases_main(out: str) -> None:
             results["cases"][case_id(case)] = engine_case(*case, device)
         except Exception:  # the others still run; the test of this case shows the traceback
             results["cases"][case_id(case)] = {"error": traceback.format_exc()}
+        results["cuda_math"] = {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+                                "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+                                "cudnn_benchmark": torch.backends.cudnn.benchmark}
         Path(out).write_text(json.dumps(results, indent=1))
 
 
@@ -125,6 +128,11 @@ def engine_results(tmp_path_factory) -> dict:
 
 def test_nccl_group_of_one_rank(engine_results):
     assert engine_results["backend"] == "nccl" and engine_results["world_size"] == 1
+
+
+def test_engines_on_cuda_compute_fp32_in_tf32_with_autotuned_convolutions(engine_results):
+    """open_clip_train's CUDA math (engine.tf32 defaults on): what the engines' runs set."""
+    assert engine_results["cuda_math"] == {"matmul_tf32": True, "cudnn_tf32": True, "cudnn_benchmark": True}
 
 
 @pytest.mark.parametrize("case", ENGINE_CASES, ids=case_id)
@@ -206,7 +214,7 @@ def test_checkpoint_resume_export_and_evaluate_on_cuda(tiny_corpus, tmp_path):
 
     first = run(train_command() + [RECIPE] + overrides(4))
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    assert "device cuda:0, bf16" in first.stdout
+    assert "device cuda:0, bf16, fp32 as TF32" in first.stdout
     second = run(train_command() + [RECIPE] + overrides(6))
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
