@@ -35,14 +35,26 @@ REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 
 
-def cpu_model() -> str:
+def _cpuinfo(key: str) -> str | None:
+    """The first `key` line of /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == key:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_bf16() -> list[str]:
+    """The CPU's bf16 matrix instructions: two CPUs of one model name may differ here, and
+    without them bf16 is emulated, many times slower than fp32."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
 
 
 def machine(world_size: int = 1) -> dict:
@@ -50,8 +62,9 @@ def machine(world_size: int = 1) -> dict:
     import deepspeed
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"host": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu,
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "threads": torch.get_num_threads(),
+    return {"host": socket.gethostname(), "cpu": cpu_model(), "cpu_bf16": cpu_bf16(), "cores": os.cpu_count(),
+            "gpu": gpu, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "threads": torch.get_num_threads(),
             "world_size": world_size, "date": time.strftime("%Y-%m-%d"),
             "load_avg_1min": os.getloadavg()[0]}  # > cores means something else competed for the CPU
 

@@ -109,6 +109,32 @@ def set_lr(optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
+def steps_plainly(precision: str, zero_stage: int) -> bool:
+    """DeepSpeed steps our optimizer as it is, with no 16-bit or ZeRO wrapper (fp32, or bf16
+    autocast, at ZeRO 0). Its wrappers clip their flat buffers; plainly, DeepSpeed would clip
+    tensor by tensor, so there `GradientClip` clips instead."""
+    return zero_stage == 0 and precision != "fp16"
+
+
+class GradientClip:
+    """optim.grad_clip where DeepSpeed steps our optimizer plainly: a step pre-hook on the torch
+    optimizer that takes the norm of all gradients in one multi-tensor pass and scales them in
+    another (torch's `clip_grad_norm_`, as open_clip_train clips), where DeepSpeed's clipping
+    runs a norm and a multiply per parameter tensor (docs/design.md). The gradients are already
+    averaged over ranks then, so every rank computes the same norm. The norm stays a tensor until
+    the logs read it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float):
+        self.max_norm = max_norm if max_norm > 0 else math.inf  # 0: no clipping, but the logs get the norm
+        self.norm: torch.Tensor | None = None
+        # Lookahead's fast steps are its inner optimizer's: clip what they step
+        (optimizer.inner if isinstance(optimizer, Lookahead) else optimizer).register_step_pre_hook(self._clip)
+
+    def _clip(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+
+
 def runs_autocast(precision: str, zero_stage: int) -> bool:
     """bf16 without ZeRO runs as torch autocast over fp32 weights, as open_clip's AMP does: our
     optimizer steps the fp32 weights itself, gradients are fp32 between micro-batches and on the
@@ -132,7 +158,8 @@ def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) 
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # where DeepSpeed steps our optimizer plainly, GradientClip clips
+        "gradient_clipping": 0.0 if steps_plainly(precision, cfg.engine.zero_stage) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         # bf16 needs no loss scale, so no overflow check (it read a flag back to the host every step)
         "bf16": {"enabled": precision == "bf16" and not autocast, "check_grad_overflow": False},
@@ -159,17 +186,16 @@ class Engine:
     engine: object  # deepspeed.DeepSpeedEngine
     precision: str
     device: torch.device
+    clip: GradientClip | None  # where DeepSpeed steps our optimizer plainly
 
     @property
     def input_dtype(self) -> torch.dtype:
         """Images go to the device in the compute dtype (autocast's first convolution takes bf16 too)."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
 
-    @property
-    def steps_our_optimizer(self) -> bool:
-        """DeepSpeed steps our optimizer itself, with no 16-bit or ZeRO wrapper (fp32 or autocast
-        at ZeRO 0): it clips the gradients but keeps no norm of them."""
-        return self.engine.optimizer is self.engine.basic_optimizer
+    def grad_norm(self) -> float:
+        """The gradients' norm before clipping, at the last optimizer step (a read back to the host)."""
+        return float(self.clip.norm if self.clip is not None else self.engine.get_global_grad_norm())
 
 
 def build_engine(model: nn.Module, cfg: Config, device: torch.device, load_universal: bool = False) -> Engine:
@@ -184,9 +210,14 @@ def build_engine(model: nn.Module, cfg: Config, device: torch.device, load_unive
     torch_autocast.TORCH_AUTOCAST_INITIALIZED = False
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, precision, load_universal))
-    built = Engine(engine=engine, precision=precision, device=device)
-    if engine.world_size == 1 and built.steps_our_optimizer:
+    plainly = steps_plainly(precision, cfg.engine.zero_stage)
+    if (engine.optimizer is engine.basic_optimizer) != plainly:  # else nothing or both would clip
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} {'wrapped' if plainly else 'did not wrap'} the "
+                           f"optimizer at ZeRO {cfg.engine.zero_stage}, {precision}; the gradient clipping here "
+                           "assumes otherwise")
+    if engine.world_size == 1 and plainly:
         # One rank has nothing to average, but DeepSpeed would still flatten every gradient into
         # buckets, all-reduce them over a group of one and copy them back.
         engine.enable_backward_allreduce = False
-    return built
+    return Engine(engine=engine, precision=precision, device=device,
+                  clip=GradientClip(optimizer, cfg.optim.grad_clip) if plainly else None)

@@ -110,19 +110,9 @@ class Trainer:
             images, tokens = self.data.take(batch, step + 1)
             out = self.engine(images, tokens)
             self.engine.backward(out.loss)
-            if micro == accum - 1:  # engine.step() below clears the gradients
-                self.plain_grad_norm = self._plain_grad_norm() if self._logs(step + 1) else None
             self.engine.step()  # DeepSpeed updates the weights at the last micro-batch only
             self.metrics.accumulate(out)
         return True
-
-    def _plain_grad_norm(self) -> float | None:
-        """Gradient norm before clipping where DeepSpeed reports none (fp32 or bf16 autocast without
-        ZeRO: it clips but discards the norm); None where its optimizer wrapper records it."""
-        if not self.engine_info.steps_our_optimizer:
-            return None
-        norms = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _set_lr(self, step: int) -> None:
         optim = self.cfg.optim
@@ -137,12 +127,9 @@ class Trainer:
         console); collective (bad-data counts), and stops every rank once too much data is bad."""
         cfg, now = self.cfg, time.perf_counter()
         elapsed, steps = now - self.window[0], step - self.window[1]
-        grad_norm = self.plain_grad_norm
-        if grad_norm is None:
-            grad_norm = float(self.engine.get_global_grad_norm())
         data_metrics, bad_data = self.data.health()
         samples = steps * cfg.data.batch_size * self.env.world_size * cfg.optim.grad_accum
-        extra = {"lr": self.engine.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+        extra = {"lr": self.engine.optimizer.param_groups[0]["lr"], "grad_norm": self.engine_info.grad_norm(),
                  "samples_per_s": samples / elapsed, "data_wait_frac": self.data.waited() / elapsed,
                  "epoch": self.data.epoch, "bad": data.TrainingData.bad_count(data_metrics)}
         if self.device.type == "cuda":  # the allocator's own count: no device sync

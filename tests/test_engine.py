@@ -66,7 +66,7 @@ def test_deepspeed_config_follows_ours():
     cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.grad_clip, cfg.engine.zero_stage = 32, 4, 2.0, 3
     ds = deepspeed_config(cfg, "bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["gradient_accumulation_steps"] == 4
-    assert ds["gradient_clipping"] == 2.0 and ds["zero_optimization"]["stage"] == 3
+    assert ds["gradient_clipping"] == 2.0 and ds["zero_optimization"]["stage"] == 3  # its wrappers clip
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and "torch_autocast" not in ds
     assert "scheduler" not in ds  # our own schedule sets per-group rates
     # bf16: gradients summed over ranks and over micro-batches in fp32; no per-step overflow read-back
@@ -169,6 +169,53 @@ def test_a_training_step_without_zero_reads_nothing_back_to_the_host(single_rank
                 info.engine.step()
     assert counted.host_reads == 0
     assert info.engine.global_steps == 2
+
+
+@pytest.mark.parametrize("precision,lookahead_k", [("fp32", 0), ("bf16", 0), ("fp32", 2)])
+def test_without_zero_all_gradients_are_clipped_at_once_before_the_step(single_rank_group, precision, lookahead_k):
+    """Where DeepSpeed steps our optimizer plainly, we clip: plain SGD at lr 1 moves the weights
+    by exactly the clipped gradient, whose norm is optim.grad_clip; the logged norm is the one
+    before clipping; and the step's work does not grow with the number of parameter tensors
+    (DeepSpeed's clipping ran a norm and a multiply for each)."""
+    cfg = Config()
+    cfg.model.name, cfg.objective.name, cfg.data.batch_size, cfg.engine.precision = "tiny-vit", "cliplite", 4, precision
+    cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = "sgd", 1.0, 0.0, 0.0
+    cfg.optim.grad_clip, cfg.optim.lookahead_k = 0.05, lookahead_k  # Lookahead: no sync at its first step
+    model, towers = build_model(cfg.model, cfg.objective)
+    info = build_engine(model, cfg, torch.device("cpu"))
+    assert deepspeed_config(cfg, precision)["gradient_clipping"] == 0.0  # DeepSpeed clips nothing more
+    params = [p for p in info.engine.module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    images = torch.randn(4, 3, 64, 64, dtype=info.input_dtype)
+    tokens = towers.tokenizer(["a red circle", "a blue square", "two stars", "a green cross"])
+    info.engine.backward(info.engine(images, tokens).loss)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    counted = DispatchCount()
+    with counted:
+        info.engine.step()
+    moved = torch.linalg.vector_norm(torch.stack([(p.detach() - b).norm() for p, b in zip(params, before)]))
+    assert float(norm) > 10 * cfg.optim.grad_clip  # the clip bites
+    assert info.grad_norm() == pytest.approx(float(norm), rel=1e-5)
+    assert float(moved) == pytest.approx(cfg.optim.grad_clip, rel=1e-3)
+    if not lookahead_k:  # (Lookahead's first step copies every weight)
+        # torch's SGD on CPU steps tensor by tensor, one op each; DeepSpeed's clipping added five more each
+        assert counted.ops < 2 * len(params), counted.ops
+
+
+def test_without_zero_and_without_clipping_the_logs_still_get_the_norm(single_rank_group):
+    cfg = Config()
+    cfg.model.name, cfg.data.batch_size, cfg.optim.grad_clip = "tiny-vit", 4, 0.0
+    cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = "sgd", 1.0, 0.0, 0.0
+    model, towers = build_model(cfg.model, cfg.objective)
+    info = build_engine(model, cfg, torch.device("cpu"))
+    params = [p for p in info.engine.module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    info.engine.backward(info.engine(torch.randn(4, 3, 64, 64), towers.tokenizer(["a", "b", "c", "d"])).loss)
+    grads = [p.grad.clone() for p in params]
+    info.engine.step()
+    assert info.grad_norm() == pytest.approx(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+    for p, b, g in zip(params, before, grads):  # unclipped
+        torch.testing.assert_close(p.detach(), b - g)
 
 
 @pytest.mark.parametrize("objective", ["cliplite", "infonce"])
