@@ -64,8 +64,7 @@ def machine(world_size: int = 1) -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"host": socket.gethostname(), "cpu": cpu_model(), "cpu_bf16": cpu_bf16(), "cores": os.cpu_count(),
             "gpu": gpu, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "threads": torch.get_num_threads(),
-            "world_size": world_size, "date": time.strftime("%Y-%m-%d"),
+            "threads": torch.get_num_threads(), "world_size": world_size, "date": time.strftime("%Y-%m-%d"),
             "load_avg_1min": os.getloadavg()[0]}  # > cores means something else competed for the CPU
 
 
