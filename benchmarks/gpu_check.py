@@ -141,7 +141,7 @@ def parts(machine: str, results: Path, wheels: Path | None, work: Path, scratch:
                               "--workers", str(scale.workers), "--pairs", str(scale.pairs),
                               "--out", str(scratch / "vs_open_clip"), *open_clip_wheels, *name], 240, 120),
         Part("step_breakdown", [py, "benchmarks/step_breakdown.py", "--model", scale.model, "--batch", str(scale.batch),
-                                "--rounds", str(scale.rounds), *name], 90, 40),
+                                "--precision", "bf16", "--rounds", str(scale.rounds), *name], 90, 40),
         Part("data device rows", [py, "benchmarks/data.py", "--device-rows", "--cache-dir", str(scratch / "data"),
                                   *scale.data_args, *name], 90, 30),
         Part("recipes", [py, "benchmarks/gpu_check.py", "--recipes", *rehearse, "--steps", str(scale.recipe_steps),

@@ -6,8 +6,11 @@ data loading). Both engines live in one process and their steps alternate (which
 swaps every round), so the two objectives see the same machine state: separate runs of one
 configuration differ by up to 8% here, far more than the objectives do. The ratio of the two
 step times is taken per round; its median and a bootstrap 95% interval say whether CLIP-Lite is
-as fast as InfoNCE. One more step of each is counted op by op: the ATen ops it runs and how many
-read a value back to the host (each a wait for the GPU's queue to drain; counted on CPU too).
+as fast as InfoNCE. `open_clip_train`'s own step (fp32 or `amp_bf16`, at ZeRO 0 as it has no
+other) alternates with them, and InfoNCE ÷ it is taken the same way: the step alone, without
+either trainer's data path (`vs_open_clip.py` runs both trainers whole). One more step of each is
+counted op by op: the ATen ops it runs and how many read a value back to the host (each a wait
+for the GPU's queue to drain; counted on CPU too).
 Writes `benchmarks/results/step_breakdown/<machine>/`.
 
     python benchmarks/step_breakdown.py                       # tiny-vit, batch 64, CPU
@@ -18,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
 import typing
+from typing import Callable
+
+import torch
 
 from cliplite_dist.config import Config, Precision
 from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
@@ -30,6 +37,8 @@ from common import RESULTS, DispatchCount, engine_step, loss_seconds, markdown_t
     write_results
 
 OBJECTIVES = ("cliplite", "infonce")
+OPEN_CLIP_TRAIN = "open_clip_train"  # its own step beside ours, at the precisions it has without a grad scaler
+THEIR_PRECISIONS = ("fp32", "bf16")
 WARMUP_ROUNDS = 3
 
 
@@ -47,6 +56,47 @@ def interleaved_step_seconds(steps: dict, rounds: int) -> dict[str, list[float]]
             sync()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def open_clip_train_step(cfg: Config, precision: str, device: torch.device) -> Callable[[], None]:
+    """`open_clip_train`'s own step at one rank (its `train_one_epoch`, which wraps nothing in DDP
+    there) on a batch like `engine_step`'s: its model under autocast for bf16 (`amp_bf16`) over
+    fp32 weights, `ClipLoss`, AdamW over its two decay groups with our optimizer settings, torch's
+    `clip_grad_norm_` at optim.grad_clip, the logit-scale clamp. The step our InfoNCE is held
+    against, without either trainer's data path."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    from cliplite_dist.models import resolve_model_name
+
+    name = resolve_model_name(cfg.model.name)
+    model = open_clip.create_model(name, output_dict=True).to(device)
+    plain = [p for n, p in model.named_parameters()  # its rule: no decay on gains, biases, the scale
+             if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
+    plain_ids = {id(p) for p in plain}
+    decayed = [p for p in model.parameters() if id(p) not in plain_ids]
+    optimizer = torch.optim.AdamW([{"params": plain, "weight_decay": 0.0},
+                                   {"params": decayed, "weight_decay": cfg.optim.weight_decay}],
+                                  lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    loss_fn = ClipLoss()
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    images = torch.randn(cfg.data.batch_size, 3, size, size, device=device)  # fp32: autocast casts
+    tokens = open_clip.get_tokenizer(name)(["a large red circle left of a small blue square"] * cfg.data.batch_size)
+    tokens = tokens.to(device)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(**model(images, tokens))
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip, norm_type=2.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    return step
 
 
 def median_ratio_interval(ratios: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -77,34 +127,42 @@ def main() -> None:
         cfg.engine.zero_stage, cfg.engine.precision = args.zero_stage, args.precision
         cfgs[name] = cfg
         steps[name], dims[name], _ = engine_step(cfg, device)
+    precision = resolve_precision(cfgs["infonce"].engine, device)
+    if precision in THEIR_PRECISIONS:
+        steps[OPEN_CLIP_TRAIN] = open_clip_train_step(cfgs["infonce"], precision, device)
     times = interleaved_step_seconds(steps, args.rounds)
-    counts = {name: DispatchCount() for name in OBJECTIVES}
-    for name in OBJECTIVES:
+    counts = {name: DispatchCount() for name in steps}
+    for name in steps:
         with counts[name]:
             steps[name]()
-    precision = resolve_precision(cfgs["infonce"].engine, device)
     rows = [{"objective": name, "model": args.model, "batch": args.batch, "rounds": args.rounds,
-             "device": device.type, "precision": precision, "zero_stage": args.zero_stage,
+             "device": device.type, "precision": precision,
+             "zero_stage": 0 if name == OPEN_CLIP_TRAIN else args.zero_stage,
              "step_ms": 1000 * statistics.median(times[name]),
              "step_samples_per_s": args.batch / statistics.median(times[name]),
              "ops_per_step": counts[name].ops, "host_reads_per_step": counts[name].host_reads,
-             "loss_fwd_bwd_ms": 1000 * loss_seconds(cfgs[name].objective, args.batch, dims[name], device,
-                                                    args.rounds * 5)}
-            for name in OBJECTIVES]
-    # CLIP-Lite's samples/s over InfoNCE's, per round: InfoNCE's step time over CLIP-Lite's
-    ratio, low, high = median_ratio_interval([i / c for c, i in zip(times["cliplite"], times["infonce"])])
+             "loss_fwd_bwd_ms": None if name == OPEN_CLIP_TRAIN else
+             1000 * loss_seconds(cfgs[name].objective, args.batch, dims[name], device, args.rounds * 5)}
+            for name in steps]
+    # one samples/s over another's, per round: the other's step time over the one's
+    ratios = {f"{a}_over_{b}": median_ratio_interval([tb / ta for ta, tb in zip(times[a], times[b])])
+              for a, b in (("cliplite", "infonce"), ("infonce", OPEN_CLIP_TRAIN)) if b in times}
     for row in rows:
         print(json.dumps(row))
     table = markdown_table(["objective", "model", "batch", "device", "precision", "ZeRO", "loss fwd+bwd (ms)",
                             "step (ms, median)", "full step (samples/s)", "ops / step", "host reads / step"],
                            [[r["objective"], r["model"], r["batch"], r["device"], r["precision"], r["zero_stage"],
-                             f"{r['loss_fwd_bwd_ms']:.3f}", f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}",
+                             "-" if r["loss_fwd_bwd_ms"] is None else f"{r['loss_fwd_bwd_ms']:.3f}",
+                             f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}",
                              r["ops_per_step"], r["host_reads_per_step"]]
                             for r in rows])
-    summary = (f"CLIP-Lite ÷ InfoNCE samples/s, per round of one step each ({args.rounds} rounds, "
-               f"alternating order): median {ratio:.3f}, bootstrap 95% interval [{low:.3f}, {high:.3f}]")
+    summary = "\n".join(
+        f"{key.replace('_over_', ' ÷ ')} samples/s, per round of one step each ({args.rounds} rounds, alternating "
+        f"order): median {ratio:.3f}, bootstrap 95% interval [{low:.3f}, {high:.3f}]"
+        for key, (ratio, low, high) in ratios.items())
     write_results(results_folder("step_breakdown", args.machine_name, args.results_dir), rows, f"{table}\n\n{summary}\n",
-                  cliplite_over_infonce=round(ratio, 4), interval_95=[round(low, 4), round(high, 4)])
+                  **{key: {"median": round(ratio, 4), "interval_95": [round(low, 4), round(high, 4)]}
+                     for key, (ratio, low, high) in ratios.items()})
     print(table)
     print(summary)
 

@@ -55,5 +55,8 @@ def test_every_part_of_the_gpu_check_runs_in_a_cpu_rehearsal(tmp_path):
     assert [row["recipe"] for row in recipes] == list(gpu_check.RECIPES)
     assert all(row["exit_code"] == 0 and row["samples_per_s"] > 0 for row in recipes), recipes
     assert results["vs_open_clip"]["rows"][0]["open_clip_train_samples_per_s"] > 0
-    assert {row["objective"] for row in results["step_breakdown"]["rows"]} == {"cliplite", "infonce"}
+    step_rows = {row["objective"]: row for row in results["step_breakdown"]["rows"]}
+    assert set(step_rows) == {"cliplite", "infonce", "open_clip_train"}
+    assert all(row["precision"] == "bf16" and row["step_ms"] > 0 for row in step_rows.values())
+    assert results["step_breakdown"]["infonce_over_open_clip_train"]["median"] > 0
     assert {row["step"] for row in results["data"]["rows"]} >= {"resize + normalise, batched (the trainer's)"}
