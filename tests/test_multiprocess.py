@@ -82,7 +82,10 @@ def test_zero_stages_compute_the_same_training(tiny_corpus, tmp_path):
         out = tmp_path / f"zero{zero}"
         overrides = tiny_overrides(tiny_corpus, out, **{
             "engine.zero_stage": zero, "engine.precision": "fp32", "train.steps": 4, "train.log_every": 1,
-            "train.checkpoint_every": 0, "data.eval": "''"})
+            "train.checkpoint_every": 0, "data.eval": "''",
+            # at the recipe's rate the loss jumped (1.5 -> 3.9 -> 1.9) and blew ZeRO 3's rounding (1e-7 at
+            # the first step) past the tolerance by step 4; at this one a 1% larger rate still moves it 1%
+            "optim.lr": 1e-4})
         proc = run(torchrun_command() + [RECIPE] + overrides, timeout=400)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         curves[zero] = losses(out / "t")
