@@ -256,12 +256,11 @@ def engine_step(cfg, device) -> tuple[Callable[[], None], int, int]:
     loading is timed; the towers' embedding width; the parameter count). `cfg` is a
     cliplite_dist Config; the process group must exist."""
     from cliplite_dist.engine import build_engine
-    from cliplite_dist.models import build_model
+    from cliplite_dist.models import build_model, image_size
 
     model, towers = build_model(cfg.model, cfg.objective)
     info = build_engine(model, cfg, device)
-    size = towers.model_cfg["vision_cfg"].get("image_size", 224)
-    size = size if isinstance(size, int) else size[0]
+    size = image_size(cfg.model)
     batch = cfg.data.batch_size
     images = torch.randn(batch, 3, size, size, device=device, dtype=info.input_dtype)
     tokens = towers.tokenizer(["a large red circle left of a small blue square"] * batch).to(device)

@@ -67,7 +67,7 @@ def open_clip_train_step(cfg: Config, precision: str, device: torch.device) -> C
     import open_clip
     from open_clip.loss import ClipLoss
 
-    from cliplite_dist.models import resolve_model_name
+    from cliplite_dist.models import image_size, resolve_model_name
 
     name = resolve_model_name(cfg.model.name)
     model = open_clip.create_model(name, output_dict=True).to(device)
@@ -79,8 +79,7 @@ def open_clip_train_step(cfg: Config, precision: str, device: torch.device) -> C
                                    {"params": decayed, "weight_decay": cfg.optim.weight_decay}],
                                   lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     loss_fn = ClipLoss()
-    size = model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
+    size = image_size(cfg.model)
     images = torch.randn(cfg.data.batch_size, 3, size, size, device=device)  # fp32: autocast casts
     tokens = open_clip.get_tokenizer(name)(["a large red circle left of a small blue square"] * cfg.data.batch_size)
     tokens = tokens.to(device)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cliplite_dist.config import Config, EngineConfig, ModelConfig, ObjectiveConfig, OptimConfig
-from cliplite_dist.engine import build_engine, deepspeed_config, lr_factor, param_groups, resolve_precision, set_cuda_math, \
-    set_lr
+from cliplite_dist.engine import (build_engine, deepspeed_config, lr_factor, param_groups, resolve_precision,
+                                  set_cuda_math, set_lr)
 from cliplite_dist.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
