@@ -1,6 +1,7 @@
 """The GPU path, run for real, in one command: the `gpu` tests, our bf16 trainer against
 open_clip_train's amp_bf16 (ViT-B-32, batch 256), the step breakdown and the data benchmark's
-device rows on CUDA, and each GPU recipe for 20 steps at its real model and per-GPU batch. Every
+device rows on CUDA, each GPU recipe for 20 steps at its real model and per-GPU batch, and, where
+time is left, the step with compiled towers (model.compile) beside the eager one. Every
 part writes its results under results/<benchmark>/<gpu>/ (`<gpu>` from the GPU's name: h200)
 as soon as it finishes.
 
@@ -146,6 +147,10 @@ def parts(machine: str, results: Path, wheels: Path | None, work: Path, scratch:
                                   *scale.data_args, *name], 90, 30),
         Part("recipes", [py, "benchmarks/gpu_check.py", "--recipes", *rehearse, "--steps", str(scale.recipe_steps),
                          "--work", str(work), "--scratch", str(scratch / "recipes"), *name], 200, 90),
+        # last, as it is not part of what the check must show: what model.compile does to the step
+        Part("compiled step", [py, "benchmarks/step_breakdown.py", "--compile", "--model", scale.model,
+                               "--batch", str(scale.batch), "--precision", "bf16", "--rounds", str(scale.rounds),
+                               *name], 240, 120),
     ]
 
 

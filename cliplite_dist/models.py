@@ -123,7 +123,20 @@ def build_model(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig) -> tuple
     objective = build_objective(objective_cfg, towers.embed_dim)
     model = ContrastiveModel(towers.model, objective)
     keep_batchnorm_statistics_fp32(model)
+    if model_cfg.compile:
+        compile_encoders(towers.model)
     return model, towers
+
+
+def compile_encoders(towers: nn.Module) -> list[str]:
+    """torch.compile, in place, the towers' encoders: the image tower and the text transformer
+    (`text` in open_clip's CustomTextCLIP). `Module.compile` keeps parameter names, so checkpoints
+    and exports are those of the eager model. The objective stays eager: a few ops, and InfoNCE's
+    all-gather would split its graph. Returns the names compiled."""
+    names = [name for name in ("visual", "transformer", "text") if isinstance(getattr(towers, name, None), nn.Module)]
+    for name in names:
+        getattr(towers, name).compile()
+    return names
 
 
 @torch.no_grad()

@@ -79,12 +79,14 @@ class Trainer:
                                       cfg.train.seed, self.run_dir, found)
         self.evaluations = TrainingEvaluations(cfg.data, self.towers)
         self.metrics = MetricLogger(self.run_dir / "tensorboard" if env.is_main else None)
-        precision = self.engine_info.precision
+        compute = self.engine_info.precision
         if self.device.type == "cuda":  # what the operations left in fp32 compute in
-            precision += ", fp32 as TF32" if cfg.engine.tf32 else ", full fp32"
+            compute += ", fp32 as TF32" if cfg.engine.tf32 else ", full fp32"
+        if cfg.model.compile:
+            compute += ", compiled towers"
         log.info("run %s: %s, %d rank(s) (%s), device %s, %s, ZeRO %d; %d samples, %d batches of %d "
                  "per rank per epoch", self.run_dir, cfg.objective.name, env.world_size, env.source,
-                 self.device, precision, cfg.engine.zero_stage, self.data.num_samples,
+                 self.device, compute, cfg.engine.zero_stage, self.data.num_samples,
                  self.data.batches_per_epoch, cfg.data.batch_size)
 
     def _resume(self) -> int:

@@ -57,6 +57,12 @@ def test_bad_values_are_named(override, needle):
     assert needle in str(err.value)
 
 
+def test_compiled_towers_are_refused_at_zero_3_only():
+    with pytest.raises(ConfigError, match=r"model.compile=true needs engine.zero_stage 0, 1 or 2"):
+        load_config(None, ["data.train=/x.tar", "model.compile=true", "engine.zero_stage=3"])
+    assert load_config(None, ["data.train=/x.tar", "model.compile=true", "engine.zero_stage=2"]).model.compile
+
+
 def test_missing_train_shards_and_bad_override_syntax():
     with pytest.raises(ConfigError, match="data.train"):
         load_config(None, [])

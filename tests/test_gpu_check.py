@@ -47,7 +47,7 @@ def test_every_part_of_the_gpu_check_runs_in_a_cpu_rehearsal(tmp_path):
     with tarfile.open(out / "gpu_check.tgz") as tar:  # what the device tool hands back
         packed = set(tar.getnames())
         results = {benchmark: json.load(tar.extractfile(f"gpu_check/results/{benchmark}/{machine}/results.json"))
-                   for benchmark in ("vs_open_clip", "step_breakdown", "data", "recipes")}
+                   for benchmark in ("vs_open_clip", "step_breakdown", "data", "recipes", "step_breakdown_compiled")}
     assert f"gpu_check/results/gpu_tests/{machine}/junit.xml" in packed
     assert {f"gpu_check/logs/{name.replace(' ', '_')}.log" for name in names} <= packed
     assert not any("/scratch" in name or name.endswith(".tar") for name in packed)  # shards stay out
@@ -57,6 +57,10 @@ def test_every_part_of_the_gpu_check_runs_in_a_cpu_rehearsal(tmp_path):
     assert results["vs_open_clip"]["rows"][0]["open_clip_train_samples_per_s"] > 0
     step_rows = {row["objective"]: row for row in results["step_breakdown"]["rows"]}
     assert set(step_rows) == {"cliplite", "infonce", "open_clip_train"}
-    assert all(row["precision"] == "bf16" and row["step_ms"] > 0 for row in step_rows.values())
+    assert all(row["precision"] == "bf16" and row["step_ms"] > 0 and row["tflop_per_s"] > 0
+               for row in step_rows.values())
     assert results["step_breakdown"]["infonce_over_open_clip_train"]["median"] > 0
+    compiled = {row["objective"]: row for row in results["step_breakdown_compiled"]["rows"]}
+    assert set(compiled) == {"cliplite", "infonce", "infonce_compiled", "open_clip_train"}
+    assert results["step_breakdown_compiled"]["infonce_compiled_over_infonce"]["median"] > 0
     assert {row["step"] for row in results["data"]["rows"]} >= {"resize + normalise, batched (the trainer's)"}
