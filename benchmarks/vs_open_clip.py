@@ -20,6 +20,8 @@ neither trainer's epoch ends early on a worker that ran out.
     python benchmarks/vs_open_clip.py --machine-name cpu-2core-dev          # fp32, 5 pairs (~25 min here)
     python benchmarks/vs_open_clip.py --precision bf16 --model ViT-B-32 --batch 256 --steps 40 \
         --workers 8 --machine-name h200                                     # GPU: amp_bf16 for theirs
+    python benchmarks/vs_open_clip.py --model benchmarks/model_configs/ViT-B-32-hollow.json --batch 16 \
+        --precision bf16 --steps 300 --log-every 30 --pairs 3   # ViT-B-32's ops without its arithmetic
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from common import BENCH_DIR, REPO, markdown_table, results_folder, write_result
 OPEN_CLIP_DEPS = BENCH_DIR / ".open_clip_deps"
 OPEN_CLIP_PINS = ["webdataset==0.2.86", "pandas", "pytz", "tzdata"]
 MODEL_CONFIGS = REPO / "cliplite_dist" / "model_configs"
-# Registers our model configs (tiny-vit ...) with open_clip, then runs its trainer's main().
+# Registers model configs (ours: tiny-vit ..., or one JSON file) with open_clip, then runs its trainer's main().
 OPEN_CLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
                   "from open_clip_train.main import main; main(sys.argv[2:])")
 THEIR_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
@@ -73,12 +75,21 @@ def run_quietly(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
         raise subprocess.CalledProcessError(proc.returncode, cmd[:4])
 
 
+def their_model(model: str) -> tuple[str, str]:
+    """(what open_clip_train's process registers with open_clip, the name it trains): our packaged
+    configs and an open_clip name, or a model-config JSON file and its stem, as our trainer names it."""
+    if model.endswith(".json"):
+        return model, Path(model).stem
+    return str(MODEL_CONFIGS), model
+
+
 def run_open_clip(shards: str, args, out: Path) -> float:
     name = f"oc-{time.time_ns()}"
-    cmd = [sys.executable, "-c", OPEN_CLIP_MAIN, str(MODEL_CONFIGS),
+    configs, model = their_model(args.model)
+    cmd = [sys.executable, "-c", OPEN_CLIP_MAIN, configs,
            "--train-data", shards, "--dataset-type", "webdataset", "--train-num-samples", str(args.batch * args.steps),
            "--batch-size", str(args.batch), "--workers", str(args.workers), "--precision", THEIR_PRECISION[args.precision],
-           "--model", args.model, "--epochs", "1", "--log-every-n-steps", str(args.log_every),
+           "--model", model, "--epochs", "1", "--log-every-n-steps", str(args.log_every),
            "--save-frequency", "0", "--logs", str(out), "--name", name, "--report-to", "",
            "--lr", "1e-3", "--wd", "0.05", "--warmup", "10", "--grad-clip-norm", "1.0", "--seed", "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(OPEN_CLIP_DEPS), os.environ.get("PYTHONPATH", "")])}
@@ -130,6 +141,8 @@ def main() -> None:
     parser.add_argument("--machine-name", default=None)
     parser.add_argument("--results-dir", default=str(BENCH_DIR / "results"))
     args = parser.parse_args()
+    if args.model.endswith(".json"):  # both trainers run in the output folder
+        args.model = str(Path(args.model).resolve())
     ensure_open_clip_deps(args.wheels)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
