@@ -1,7 +1,8 @@
 """The GPU path, run for real, in one command: the `gpu` tests, our bf16 trainer against
 open_clip_train's amp_bf16 (ViT-B-32, batch 256), the step breakdown and the data benchmark's
 device rows on CUDA, each GPU recipe for 20 steps at its real model and per-GPU batch, and, where
-time is left, the step with compiled towers (model.compile) beside the eager one. Every
+time is left, what dispatching ViT-B-32's step costs (ViT-B-32-hollow) and the step with compiled
+towers (model.compile) beside the eager one. Every
 part writes its results under results/<benchmark>/<gpu>/ (`<gpu>` from the GPU's name: h200)
 as soon as it finishes.
 
@@ -55,6 +56,8 @@ CARRIED = ("deepspeed", "hjson", "pydantic", "pydantic_core", "annotated-types",
            "typing_extensions", "open_clip_torch", "ftfy", "wcwidth", "simplejpeg", "braceexpand")
 OPEN_CLIP_WHEELS = ("webdataset==0.2.86",)  # open_clip_train's pin, on its PYTHONPATH only (vs_open_clip.py)
 RECIPES = ("cc3m-vitb32", "coco-paper", "laion400m-vitb16")
+# ViT-B-32's layers with next to no arithmetic: its step's time is what dispatching ViT-B-32's step costs
+HOLLOW = BENCH_DIR / "model_configs" / "ViT-B-32-hollow.json"
 
 
 # ---- here: the wheels ---------------------------------------------------------------------------
@@ -147,7 +150,10 @@ def parts(machine: str, results: Path, wheels: Path | None, work: Path, scratch:
                                   *scale.data_args, *name], 90, 30),
         Part("recipes", [py, "benchmarks/gpu_check.py", "--recipes", *rehearse, "--steps", str(scale.recipe_steps),
                          "--work", str(work), "--scratch", str(scratch / "recipes"), *name], 200, 90),
-        # last, as it is not part of what the check must show: what model.compile does to the step
+        # after what the check must show: how much of a step is dispatch, and what model.compile does to it
+        Part("dispatch", [py, "benchmarks/step_breakdown.py", "--model", str(HOLLOW), "--batch", "2",
+                          "--precision", "bf16", "--rounds", str(scale.rounds), "--machine-name", f"{machine}-hollow",
+                          "--results-dir", str(results)], 90, 30),
         Part("compiled step", [py, "benchmarks/step_breakdown.py", "--compile", "--model", scale.model,
                                "--batch", str(scale.batch), "--precision", "bf16", "--rounds", str(scale.rounds),
                                *name], 240, 120),

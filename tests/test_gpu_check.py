@@ -60,6 +60,9 @@ def test_every_part_of_the_gpu_check_runs_in_a_cpu_rehearsal(tmp_path):
     assert all(row["precision"] == "bf16" and row["step_ms"] > 0 and row["tflop_per_s"] > 0
                for row in step_rows.values())
     assert results["step_breakdown"]["infonce_over_open_clip_train"]["median"] > 0
+    with tarfile.open(out / "gpu_check.tgz") as tar:
+        hollow = json.load(tar.extractfile(f"gpu_check/results/step_breakdown/{machine}-hollow/results.json"))
+    assert [row["model"] for row in hollow["rows"]] == [str(gpu_check.HOLLOW)] * 3 and hollow["rows"][0]["batch"] == 2
     compiled = {row["objective"]: row for row in results["step_breakdown_compiled"]["rows"]}
     assert set(compiled) == {"cliplite", "infonce", "infonce_compiled", "open_clip_train"}
     assert results["step_breakdown_compiled"]["infonce_compiled_over_infonce"]["median"] > 0
