@@ -77,10 +77,10 @@ def run_quietly(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
 
 def their_model(model: str) -> tuple[str, str]:
     """(what open_clip_train's process registers with open_clip, the name it trains): our packaged
-    configs and an open_clip name, or a model-config JSON file and its stem, as our trainer names it."""
-    if model.endswith(".json"):
-        return model, Path(model).stem
-    return str(MODEL_CONFIGS), model
+    configs and an open_clip name, or a model-config JSON file and the name our trainer gives it."""
+    from cliplite_dist.models import resolve_model_name
+
+    return (model if model.endswith(".json") else str(MODEL_CONFIGS)), resolve_model_name(model)
 
 
 def run_open_clip(shards: str, args, out: Path) -> float:

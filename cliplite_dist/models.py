@@ -128,15 +128,15 @@ def build_model(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig) -> tuple
     return model, towers
 
 
-def compile_encoders(towers: nn.Module) -> list[str]:
+def compile_encoders(towers: nn.Module) -> None:
     """torch.compile, in place, the towers' encoders: the image tower and the text transformer
     (`text` in open_clip's CustomTextCLIP). `Module.compile` keeps parameter names, so checkpoints
     and exports are those of the eager model. The objective stays eager: a few ops, and InfoNCE's
-    all-gather would split its graph. Returns the names compiled."""
-    names = [name for name in ("visual", "transformer", "text") if isinstance(getattr(towers, name, None), nn.Module)]
-    for name in names:
-        getattr(towers, name).compile()
-    return names
+    all-gather would split its graph."""
+    for name in ("visual", "transformer", "text"):
+        encoder = getattr(towers, name, None)
+        if isinstance(encoder, nn.Module):
+            encoder.compile()
 
 
 @torch.no_grad()
