@@ -88,22 +88,48 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
 
 
 class DispatchCount(TorchDispatchMode):
-    """The ATen ops run inside `with` (views included; on a GPU, about the kernels launched) and
-    how many of them read a tensor's value back to the host, which on a GPU waits until every
-    kernel queued before it has run: `.ops`, `.host_reads` after the block. Counted the same on
-    CPU, where no timing shows them."""
+    """The ATen ops run inside `with` (views included; on a GPU, about the kernels launched), how
+    many of them read a tensor's value back to the host, which on a GPU waits until every kernel
+    queued before it has run, and how often the whole device was synchronized (torch.cuda's or
+    DeepSpeed's accelerator's `synchronize`, which no op shows): `.ops`, `.host_reads`, `.syncs`
+    after the block. Counted the same on CPU, where no timing shows them."""
 
     HOST_READS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
                             torch.ops.aten.nonzero.default, torch.ops.aten.equal.default})
 
     def __init__(self):
         super().__init__()
-        self.ops = self.host_reads = 0
+        self.ops = self.host_reads = self.syncs = 0
+        self._syncing = False  # DeepSpeed's CUDA accelerator synchronizes through torch.cuda: count once
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         self.host_reads += func in self.HOST_READS
         return func(*args, **(kwargs or {}))
+
+    def _counted(self, synchronize):
+        def counted(*args, **kwargs):
+            self.syncs += not self._syncing
+            outer, self._syncing = self._syncing, True
+            try:
+                return synchronize(*args, **kwargs)
+            finally:
+                self._syncing = outer
+        return counted
+
+    def __enter__(self):
+        from deepspeed.accelerator import get_accelerator
+
+        self._patched = [(torch.cuda, "synchronize", torch.cuda.synchronize),
+                         (get_accelerator(), "synchronize", get_accelerator().synchronize)]
+        for owner, name, synchronize in self._patched:
+            setattr(owner, name, self._counted(synchronize))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for owner, name, synchronize in self._patched:
+            setattr(owner, name, synchronize)
+        return super().__exit__(*exc)
 
 
 def _rss_bytes() -> int:
@@ -268,7 +294,7 @@ def engine_step(cfg, device) -> tuple[Callable[[], None], int, int]:
     def step() -> None:
         out = info.engine(images, tokens)
         info.engine.backward(out.loss)
-        info.engine.step()
+        info.step()
 
     return step, towers.embed_dim, sum(p.numel() for p in model.parameters())
 

@@ -156,6 +156,7 @@ def main() -> None:
              "step_samples_per_s": args.batch / statistics.median(times[name]),
              "ops_per_step": counts[name].ops if name in counts else None,
              "host_reads_per_step": counts[name].host_reads if name in counts else None,
+             "syncs_per_step": counts[name].syncs if name in counts else None,
              "tflop_per_step": flops[name] / 1e12,
              "tflop_per_s": flops[name] / 1e12 / statistics.median(times[name]),
              "loss_fwd_bwd_ms": None if name in (OPEN_CLIP_TRAIN, COMPILED) else
@@ -169,12 +170,12 @@ def main() -> None:
         print(json.dumps(row))
     table = markdown_table(["objective", "model", "batch", "device", "precision", "ZeRO", "loss fwd+bwd (ms)",
                             "step (ms, median)", "full step (samples/s)", "TFLOP / step", "TFLOP/s", "ops / step",
-                            "host reads / step"],
+                            "host reads / step", "device syncs / step"],
                            [[r["objective"], r["model"], r["batch"], r["device"], r["precision"], r["zero_stage"],
                              "-" if r["loss_fwd_bwd_ms"] is None else f"{r['loss_fwd_bwd_ms']:.3f}",
                              f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}",
                              f"{r['tflop_per_step']:.3g}", f"{r['tflop_per_s']:.3g}",
-                             *("-" if r[key] is None else r[key] for key in ("ops_per_step", "host_reads_per_step"))]
+                             *("-" if r[key] is None else r[key] for key in ("ops_per_step", "host_reads_per_step", "syncs_per_step"))]
                             for r in rows])
     summary = "\n".join(
         f"{key.replace('_over_', ' ÷ ')} samples/s, per round of one step each ({args.rounds} rounds, alternating "

@@ -80,11 +80,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _loss_scaler(engine) -> torch.amp.GradScaler | None:
+    """fp16 without ZeRO: DeepSpeed's GradScaler, whose scale its checkpoints leave out (a resume
+    would start over at 2**16 and skip steps until it settled again)."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None)
+
+
 def save(engine, root: Path, step: int, trainer_state: dict, keep: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     tag = tag_for(step)
     rank = dist.get_rank()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state=_UNIVERSAL_INFO)
+    client_state = dict(_UNIVERSAL_INFO)
+    if (scaler := _loss_scaler(engine)) is not None:
+        client_state["loss_scaler"] = scaler.state_dict()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state=client_state)
     folder = root / tag
     torch.save({**trainer_state, "rng": rng_state()}, folder / f"trainer_state_rank{rank}.pt")
     dist.barrier()
@@ -172,9 +181,11 @@ def load(engine, root: Path, tag: str, mode: str = "exact", universal: Path | No
         # decay, our base_lr; the groups were just built from this run's config: keep theirs) and
         # one shared `step` tensor, which AdamW would then advance once per group each step
         settings = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
-        load_path, _ = engine.load_checkpoint(str(load_root), tag=load_tag, load_lr_scheduler_states=False)
+        load_path, client_state = engine.load_checkpoint(str(load_root), tag=load_tag, load_lr_scheduler_states=False)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_root / load_tag}")
+        if (scaler := _loss_scaler(engine)) is not None and "loss_scaler" in (client_state or {}):
+            scaler.load_state_dict(client_state["loss_scaler"])
         if mode == "universal":
             for group, own in zip(engine.optimizer.param_groups, settings):
                 group.update(own)

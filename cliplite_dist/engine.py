@@ -110,10 +110,10 @@ def set_lr(optimizer, factor: float) -> None:
 
 
 def steps_plainly(precision: str, zero_stage: int) -> bool:
-    """DeepSpeed steps our optimizer as it is, with no 16-bit or ZeRO wrapper (fp32, or bf16
-    autocast, at ZeRO 0). Its wrappers clip their flat buffers; plainly, DeepSpeed would clip
+    """DeepSpeed steps our optimizer as it is, with no 16-bit or ZeRO wrapper (fp32, or bf16 /
+    fp16 autocast, at ZeRO 0). Its wrappers clip their flat buffers; plainly, DeepSpeed would clip
     tensor by tensor, so there `GradientClip` clips instead."""
-    return zero_stage == 0 and precision != "fp16"
+    return zero_stage == 0
 
 
 class GradientClip:
@@ -131,17 +131,25 @@ class GradientClip:
         (optimizer.inner if isinstance(optimizer, Lookahead) else optimizer).register_step_pre_hook(self._clip)
 
     def _clip(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if getattr(optimizer, "grad_scale", None) is not None:  # GradScaler's hand-over to a fused step
+            raise RuntimeError("the gradients still carry fp16's loss scale: step through Engine.step, which "
+                               "takes it out first")
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         self.norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
 
 
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # DeepSpeed's names
+
+
 def runs_autocast(precision: str, zero_stage: int) -> bool:
-    """bf16 without ZeRO runs as torch autocast over fp32 weights, as open_clip's AMP does: our
-    optimizer steps the fp32 weights itself, gradients are fp32 between micro-batches and on the
-    wire. DeepSpeed's own bf16 at ZeRO 0 (its unfused 16-bit optimizer) reads a value back to the
-    host once per parameter tensor at every step (docs/design.md). Under ZeRO 1-3 its bf16 steps
-    flat, partitioned fp32 master weights, and bf16 weights halve what ZeRO-3 gathers."""
-    return precision == "bf16" and zero_stage == 0
+    """bf16 and fp16 without ZeRO run as torch autocast over fp32 weights, as open_clip's AMP does:
+    our optimizer steps the fp32 weights itself, gradients are fp32 between micro-batches and on
+    the wire; fp16's loss scale is DeepSpeed's torch GradScaler. DeepSpeed's own 16-bit optimizer
+    at ZeRO 0 reads a value back to the host once per parameter tensor at every step
+    (docs/design.md), and in fp16 (DeepSpeed 0.19) never scales the loss while it divides the
+    gradients by the scale, so the weights barely move. Under ZeRO 1-3 its 16-bit optimizers step
+    flat, partitioned fp32 master weights, and 16-bit weights halve what ZeRO-3 gathers."""
+    return precision in AUTOCAST_DTYPES and zero_stage == 0
 
 
 def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) -> dict:
@@ -163,16 +171,19 @@ def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) 
         "zero_optimization": zero,
         # bf16 needs no loss scale, so no overflow check (it read a flag back to the host every step)
         "bf16": {"enabled": precision == "bf16" and not autocast, "check_grad_overflow": False},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "fp16": {"enabled": precision == "fp16" and not autocast, "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,  # our trainer logs
         "wall_clock_breakdown": False,
+        # its throughput timer synchronizes the device at every forward and step (a no-op on CPU)
+        "timers": {"throughput": {"enabled": False}},
     }
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
     if autocast:
-        # no module's gradients marked for bf16 reduction: all of them go over the wire in fp32
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        # no module's gradients marked for 16-bit reduction: all of them go over the wire in fp32
+        ds["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision],
+                                "lower_precision_safe_modules": []}
     elif precision == "bf16":
         # a bf16 sum over 64 ranks keeps ~3 significant digits of each rank's gradient
         ds["communication_data_type"] = "fp32"
@@ -192,6 +203,16 @@ class Engine:
     def input_dtype(self) -> torch.dtype:
         """Images go to the device in the compute dtype (autocast's first convolution takes bf16 too)."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+    def step(self) -> None:
+        """DeepSpeed's step (it updates the weights at the last micro-batch only). fp16 without
+        ZeRO: there, first, the loss scale comes out of the gradients (on the device, no host
+        read), so that GradientClip clips, and the logs get, their true norm; GradScaler's step
+        then skips an update whose gradients overflowed."""
+        scaler = self.engine.torch_autocast_z0_gradscaler
+        if scaler is not None and self.engine.is_gradient_accumulation_boundary():
+            scaler.unscale_(self.engine.optimizer)
+        self.engine.step()
 
     def grad_norm(self) -> float:
         """The gradients' norm before clipping, at the last optimizer step (a read back to the host)."""

@@ -112,7 +112,7 @@ class Trainer:
             images, tokens = self.data.take(batch, step + 1)
             out = self.engine(images, tokens)
             self.engine.backward(out.loss)
-            self.engine.step()  # DeepSpeed updates the weights at the last micro-batch only
+            self.engine_info.step()  # the weights change at the last micro-batch only
             self.metrics.accumulate(out)
         return True
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cliplite_dist import checkpoint
+from cliplite_dist import engine as engine_module
 from cliplite_dist.config import Config, EngineConfig, ModelConfig, ObjectiveConfig, OptimConfig
 from cliplite_dist.engine import (build_engine, deepspeed_config, lr_factor, param_groups, resolve_precision,
                                   set_cuda_math, set_lr)
@@ -151,8 +153,10 @@ def test_bf16_resnet_trains_with_fp32_master_weights_and_batchnorm_statistics(si
 @pytest.mark.parametrize("precision,accum", [("bf16", 1), ("bf16", 2), ("fp32", 1)])
 def test_a_training_step_without_zero_reads_nothing_back_to_the_host(single_rank_group, precision, accum):
     """Forward, backward and the optimizer step (clipping included) queue work without waiting
-    for it: no value is read back, so a GPU's next step is queued ahead. DeepSpeed's own bf16
-    optimizer at ZeRO 0 read one per parameter tensor each step (121 for tiny-vit)."""
+    for it: no value is read back and the device is never synchronized, so a GPU's next step is
+    queued ahead. DeepSpeed's own bf16 optimizer at ZeRO 0 read one per parameter tensor each
+    step (121 for tiny-vit); its throughput timer, on by default, synchronized twice a step from
+    the third step on."""
     cfg = Config()
     cfg.model.name, cfg.objective.name, cfg.data.batch_size, cfg.optim.grad_clip = "tiny-vit", "cliplite", 4, 1.0
     cfg.engine.precision, cfg.optim.grad_accum = precision, accum
@@ -160,15 +164,15 @@ def test_a_training_step_without_zero_reads_nothing_back_to_the_host(single_rank
     info = build_engine(model, cfg, torch.device("cpu"))
     images = torch.randn(4, 3, 64, 64, dtype=info.input_dtype)
     tokens = towers.tokenizer(["a red circle", "a blue square", "two stars", "a green cross"])
-    for measured in (False, True):  # the first step builds the optimizer state
+    for measured in (False, False, True):  # the first step builds the optimizer state
         counted = DispatchCount()
         with counted if measured else contextlib.nullcontext():
             for _ in range(accum):
                 out = info.engine(images, tokens)
                 info.engine.backward(out.loss)
-                info.engine.step()
-    assert counted.host_reads == 0
-    assert info.engine.global_steps == 2
+                info.step()
+    assert counted.host_reads == 0 and counted.syncs == 0
+    assert info.engine.global_steps == 3
 
 
 @pytest.mark.parametrize("precision,lookahead_k", [("fp32", 0), ("bf16", 0), ("fp32", 2)])
@@ -249,6 +253,56 @@ def test_a_zero_engine_after_an_autocast_one_still_reduces_in_fp32(single_rank_g
     cfg.engine.zero_stage = 1
     zero = build_engine(build_model(cfg.model, cfg.objective)[0], cfg, torch.device("cpu")).engine
     assert set(zero.optimizer.ipg_buckets) == {torch.float32}
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """fp16 is refused on CPU (`resolve_precision`), but its path without ZeRO, torch autocast and
+    GradScaler, has CPU kernels: the engine is built as a GPU would build it."""
+    monkeypatch.setattr(engine_module, "resolve_precision", lambda cfg, device: "fp16")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # AdamW: fused, it takes GradScaler's scale itself
+def test_fp16_without_zero_scales_the_loss_and_clips_the_true_gradients(single_rank_group, fp16_on_cpu, optimizer,
+                                                                       tmp_path):
+    """fp16 at ZeRO 0: autocast over fp32 weights, the loss scaled for backward; `Engine.step`
+    divides the scale out, so the clip and the logged norm see the true gradients; the scale is
+    checkpointed. DeepSpeed's own fp16 optimizer there divided gradients that were never scaled
+    by 2**16: the weights barely moved."""
+    cfg = Config()
+    cfg.model.name, cfg.objective.name, cfg.data.batch_size, cfg.optim.grad_clip = "tiny-vit", "cliplite", 4, 0.05
+    cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = optimizer, 1.0, 0.0, 0.0
+    torch.manual_seed(0)
+    model, towers = build_model(cfg.model, cfg.objective)
+    info = build_engine(model, cfg, torch.device("cpu"))
+    scaler = info.engine.torch_autocast_z0_gradscaler
+    assert info.precision == "fp16" and info.engine.optimizer is info.engine.basic_optimizer and scaler is not None
+    # where the scale has settled: 2**16, where it starts, overflows this model's fp16 backward
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 256.0})
+    params = [p for p in info.engine.module.parameters() if p.requires_grad]
+    assert {p.dtype for p in params} == {torch.float32}
+    before = [p.detach().clone() for p in params]
+    images = torch.randn(4, 3, 64, 64, dtype=info.input_dtype)
+    tokens = towers.tokenizer(["a red circle", "a blue square", "two stars", "a green cross"])
+    info.engine.backward(info.engine(images, tokens).loss)
+    scale = scaler.get_scale()
+    norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) / scale
+    assert scale == 256.0 and math.isfinite(norm) and norm > 10 * cfg.optim.grad_clip  # the clip bites
+    info.step()
+    assert info.grad_norm() == pytest.approx(norm, rel=1e-5)
+    moved = torch.linalg.vector_norm(torch.stack([(p.detach() - b).norm() for p, b in zip(params, before)]))
+    if optimizer == "adamw":
+        assert 0 < float(moved) < math.inf
+        info.engine.backward(info.engine(images, tokens).loss)
+        with pytest.raises(RuntimeError, match="loss scale"):  # past Engine.step: it would clip scaled gradients
+            info.engine.step()
+        return
+    assert float(moved) == pytest.approx(cfg.optim.grad_clip, rel=1e-3)  # lr 1: by the clipped gradient
+    scaler.update(1024.0)  # as after overflows; a resume must not start over at 2**16
+    checkpoint.save(info.engine, tmp_path, 1, {"step": 1}, keep=1)
+    resumed = build_engine(build_model(cfg.model, cfg.objective)[0], cfg, torch.device("cpu")).engine
+    checkpoint.load(resumed, tmp_path, checkpoint.find_latest(tmp_path))
+    assert resumed.torch_autocast_z0_gradscaler.get_scale() == 1024.0
 
 
 def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu():

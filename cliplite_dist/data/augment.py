@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
+from cliplite_dist.data.imagebatch import device_tensor
+
 
 @dataclass(frozen=True)
 class SampleAugment:
@@ -128,7 +130,7 @@ class BatchAugment:
         each row by its own draws; also returned."""
         flipped = [row for row, flip in enumerate(self.flips) if flip]
         if flipped:
-            rows = torch.tensor(flipped, device=images.device)
+            rows = device_tensor(flipped, images.device, torch.long)
             images.index_copy_(0, rows, images.index_select(0, rows).flip(-1))
         jittered = [(row, jitter, order) for row, (jitter, order) in enumerate(zip(self.jitters, self.orders))
                     if jitter is not None]
@@ -212,9 +214,9 @@ def _jitter(images: torch.Tensor, jittered: list[tuple[int, tuple[float, ...], t
     nothing is read back from the device."""
     steps = range(len(JITTER_OPS))
     plans = [sorted(jittered, key=lambda item: item[2][step]) for step in steps]
-    rows = torch.tensor([[row for row, _, _ in plan] for plan in plans], device=images.device)
-    factors = torch.tensor([[jitter[order[step]] for _, jitter, order in plan] for step, plan in zip(steps, plans)],
-                           device=images.device, dtype=images.dtype)
+    rows = device_tensor([[row for row, _, _ in plan] for plan in plans], images.device, torch.long)
+    factors = device_tensor([[jitter[order[step]] for _, jitter, order in plan] for step, plan in zip(steps, plans)],
+                            images.device, images.dtype)
     batch = images.new_empty(len(jittered), *images.shape[1:])
     for step, plan in zip(steps, plans):
         torch.index_select(images, 0, rows[step], out=batch)

@@ -6,6 +6,8 @@ a plain copy where NCHW would be a slow transpose). Images whose crop the traini
 and resizes (`data.resize_on=device`) travel whole, back to back in one flat buffer with their
 shapes and crop boxes (`RaggedImages`), pinned and copied to the device as one block. In a
 loader worker the buffer is shared memory that also holds the batch's token ids (`handoff`).
+The small tensors the device builds from a batch's Python values (crop boxes, flipped rows)
+go over the same way, pinned (`device_tensor`).
 """
 from __future__ import annotations
 
@@ -54,6 +56,12 @@ class RaggedImages:
             image = self.pixels[offset:offset + h * w * c].view(h, w, c).permute(2, 0, 1)
             yield image[:, top:top + box_h, left:left + box_w]
             offset += h * w * c
+
+
+def device_tensor(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor of `values` on `device` without stalling the host: a copy from pinned
+    memory is queued like a kernel, a copy from pageable memory may wait for the GPU."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 def _copy_image(slot: torch.Tensor, image: torch.Tensor, hwc: bool) -> None:

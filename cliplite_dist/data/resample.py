@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from cliplite_dist.data.imagebatch import RaggedImages
+from cliplite_dist.data.imagebatch import RaggedImages, device_tensor
 
 
 def _keys_cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
@@ -89,16 +89,10 @@ def _same_shape_images(crops: RaggedImages, shape: tuple[int, int, int], index: 
     return torch.stack([crops.pixels[offsets[i]:offsets[i] + h * w * c].view(h, w, c) for i in index])
 
 
-def _device_floats(values: list, device: torch.device) -> torch.Tensor:
-    """A small float32 tensor on `device` without stalling the host: a copy from pinned memory
-    is queued like a kernel, a copy from pageable memory may wait for the GPU."""
-    return torch.tensor(values, dtype=torch.float32, pin_memory=device.type == "cuda").to(device, non_blocking=True)
-
-
 def _resize_group(crops: RaggedImages, shape: tuple[int, int, int], index: list[int], size: tuple[int, int],
                   mode: str) -> torch.Tensor:
     device = crops.pixels.device
-    boxes = _device_floats([crops.boxes[i] for i in index], device)  # [n, 4]: top, left, height, width
+    boxes = device_tensor([crops.boxes[i] for i in index], device, torch.float32)  # [n, 4]: top, left, height, width
     rows = resampling_matrices(boxes[:, 0], boxes[:, 2], shape[0], size[0], mode)
     cols = resampling_matrices(boxes[:, 1], boxes[:, 3], shape[1], size[1], mode)
     images = _same_shape_images(crops, shape, index).permute(0, 3, 1, 2).float()  # [n, C, H, W]
@@ -116,7 +110,8 @@ def resize_crops(crops: RaggedImages, size: tuple[int, int], mode: str) -> torch
         (shape, index), = groups.items()
         return _resize_group(crops, shape, index, size, mode)
     channels = crops.shapes[0][2] if len(crops) else 3
-    out = torch.empty(len(crops), channels, *size, device=crops.pixels.device)
-    for shape, index in groups.items():
-        out[index] = _resize_group(crops, shape, index, size, mode)
+    device = crops.pixels.device
+    out = torch.empty(len(crops), channels, *size, device=device)
+    for shape, index in groups.items():  # out[list] would copy the list to the GPU synchronously
+        out.index_copy_(0, device_tensor(index, device, torch.long), _resize_group(crops, shape, index, size, mode))
     return out

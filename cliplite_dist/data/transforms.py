@@ -12,8 +12,10 @@ interpolation and antialiasing); evaluation keeps open_clip's own PIL transforms
 Resizing the crop costs a worker about as much as decoding a 256 px JPEG. With
 `data.resize_on=device` (the default on CUDA) a worker only draws the box and sends it with the
 whole image (`imagebatch.BoxedImage`), and `DeviceTransform` resizes every box on the training
-device, in float32 (clamped to [0, 255], not rounded: within 1.5 grey levels, 0.3 on average, of
-the worker's fixed-point uint8 resize); on a GPU the whole batch at once (`resample`).
+device, in float32 (clamped to [0, 255], not rounded: 0.3 grey levels from the worker's uint8
+resize on average, and within 1.5 except next to hard edges, where the worker clamps the bicubic
+overshoot of its first, horizontal, pass to [0, 255] before the second and is off by up to several
+levels); on a GPU the whole batch at once (`resample`).
 
 `data.augment` (`augment.PRESETS`) may widen the crop and add a flip and colour jitter: the worker
 draws them with the box (`RandomResizedCropUint8.draw`), `DeviceTransform` applies them to the
