@@ -132,14 +132,17 @@ def parts(machine: str, results: Path, wheels: Path | None, work: Path, scratch:
     open_clip_wheels = ["--wheels", str(wheels / "open_clip")] if wheels else []
     rehearse = ["--rehearse"] if scale is REHEARSAL else []
     return [
-        Part("environment", [py, "-c", "import sys, torch, deepspeed, open_clip, simplejpeg; "
+        Part("environment", [py, "-c", "import shutil, sys, torch, deepspeed, open_clip, simplejpeg; "
                              "gpu = sys.argv[1] == 'cuda'; "  # on a GPU, this part fails where CUDA does
                              "print(torch.__version__, torch.version.cuda, "
                              "torch.cuda.get_device_name() if gpu else 'CPU rehearsal', "
                              "torch.cuda.get_device_capability() if gpu else '', 'deepspeed', deepspeed.__version__, "
-                             "'open_clip', open_clip.__version__)", scale.device], 90, 30),
+                             "'open_clip', open_clip.__version__, "
+                             # the loader workers' batches live there; a container's may be 64 MiB
+                             "'/dev/shm free GiB', round(shutil.disk_usage('/dev/shm').free / 2**30, 2))",
+                             scale.device], 90, 30),
         Part("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
-                           "tests/test_gpu.py", f"--junitxml={tests / 'junit.xml'}"], 170, 90, tests / "results.md"),
+                           "tests/test_gpu.py", f"--junitxml={tests / 'junit.xml'}"], 240, 90, tests / "results.md"),
         Part("vs_open_clip", [py, "benchmarks/vs_open_clip.py", "--model", scale.model, "--batch", str(scale.batch),
                               "--precision", "bf16", "--steps", str(scale.steps), "--log-every", str(scale.log_every),
                               "--workers", str(scale.workers), "--pairs", str(scale.pairs),

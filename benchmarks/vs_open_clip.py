@@ -10,7 +10,7 @@ window average `Batch (t)` of their log. A pair is (ours with InfoNCE, theirs); 
 is the median over pairs, with CLIP-Lite beside it.
 
 open_clip_train 3.x needs webdataset <= 0.2.86 (it breaks on newer ones) and pandas; both go
-into `benchmarks/.open_clip_deps` (`pip install --target`, from the registry, or offline every
+into `benchmarks/.open_clip_deps/py3.X` (`pip install --target`, from the registry, or offline every
 wheel in `--wheels DIR`: webdataset's at least, pandas' where this Python lacks it) and onto
 open_clip's PYTHONPATH only, so our own process keeps its webdataset. On CPU it runs as one
 process (its DDP wrapper passes a CPU device id), so the comparison is one process; on a GPU,
@@ -38,9 +38,9 @@ from pathlib import Path
 
 from common import BENCH_DIR, REPO, markdown_table, results_folder, write_results
 
-OPEN_CLIP_DEPS = BENCH_DIR / ".open_clip_deps"
+# One folder per interpreter: pandas' compiled parts built for one Python fail to import in another.
+OPEN_CLIP_DEPS = BENCH_DIR / ".open_clip_deps" / f"py{sys.version_info.major}.{sys.version_info.minor}"
 OPEN_CLIP_PINS = ["webdataset==0.2.86", "pandas", "pytz", "tzdata"]
-MODEL_CONFIGS = REPO / "cliplite_dist" / "model_configs"
 # Registers model configs (ours: tiny-vit ..., or one JSON file) with open_clip, then runs its trainer's main().
 OPEN_CLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
                   "from open_clip_train.main import main; main(sys.argv[2:])")
@@ -78,9 +78,9 @@ def run_quietly(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
 def their_model(model: str) -> tuple[str, str]:
     """(what open_clip_train's process registers with open_clip, the name it trains): our packaged
     configs and an open_clip name, or a model-config JSON file and the name our trainer gives it."""
-    from cliplite_dist.models import resolve_model_name
+    from cliplite_dist.models import PACKAGED_CONFIGS, resolve_model_name
 
-    return (model if model.endswith(".json") else str(MODEL_CONFIGS)), resolve_model_name(model)
+    return (model if model.endswith(".json") else str(PACKAGED_CONFIGS)), resolve_model_name(model)
 
 
 def run_open_clip(shards: str, args, out: Path) -> float:
