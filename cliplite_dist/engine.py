@@ -18,6 +18,7 @@ from cliplite_dist.lookahead import Lookahead
 PARTS = ("image", "text", "critic")
 
 
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # DeepSpeed's config takes these names too
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs whose tensor cores compute in bf16
 
 
@@ -138,9 +139,6 @@ class GradientClip:
         self.norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
 
 
-AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # DeepSpeed's names
-
-
 def runs_autocast(precision: str, zero_stage: int) -> bool:
     """bf16 and fp16 without ZeRO run as torch autocast over fp32 weights, as open_clip's AMP does:
     our optimizer steps the fp32 weights itself, gradients are fp32 between micro-batches and on
@@ -149,7 +147,7 @@ def runs_autocast(precision: str, zero_stage: int) -> bool:
     (docs/design.md), and in fp16 (DeepSpeed 0.19) never scales the loss while it divides the
     gradients by the scale, so the weights barely move. Under ZeRO 1-3 its 16-bit optimizers step
     flat, partitioned fp32 master weights, and 16-bit weights halve what ZeRO-3 gathers."""
-    return precision in AUTOCAST_DTYPES and zero_stage == 0
+    return precision in LOW_PRECISION and zero_stage == 0
 
 
 def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) -> dict:
@@ -182,8 +180,7 @@ def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) 
         ds["checkpoint"] = {"load_universal": True}
     if autocast:
         # no module's gradients marked for 16-bit reduction: all of them go over the wire in fp32
-        ds["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision],
-                                "lower_precision_safe_modules": []}
+        ds["torch_autocast"] = {"enabled": True, "dtype": precision, "lower_precision_safe_modules": []}
     elif precision == "bf16":
         # a bf16 sum over 64 ranks keeps ~3 significant digits of each rank's gradient
         ds["communication_data_type"] = "fp32"
@@ -202,7 +199,7 @@ class Engine:
     @property
     def input_dtype(self) -> torch.dtype:
         """Images go to the device in the compute dtype (autocast's first convolution takes bf16 too)."""
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        return LOW_PRECISION.get(self.precision, torch.float32)
 
     def step(self) -> None:
         """DeepSpeed's step (it updates the weights at the last micro-batch only). fp16 without

@@ -81,7 +81,7 @@ def test_deepspeed_config_follows_ours():
     cfg.engine.zero_stage = 0
     ds = deepspeed_config(cfg, "bf16")
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bf16", "lower_precision_safe_modules": []}
     assert "communication_data_type" not in ds and "data_types" not in ds
 
 

@@ -23,6 +23,7 @@ import torch
 from cliplite_dist.config import Config, ModelConfig, ObjectiveConfig
 from cliplite_dist.data.augment import PRESETS, Augmented, unwrap_augmented
 from cliplite_dist.data.transforms import DeviceTransform
+from cliplite_dist.engine import LOW_PRECISION
 from cliplite_dist.models import build_towers
 from cliplite_dist.objectives import build_objective
 from cropkit import assert_near_the_workers_resize, worker_and_device_crops
@@ -39,7 +40,6 @@ ENGINE_CASES = [(model, precision, zero, 1) for model in ("tiny-vit",) for preci
 ENGINE_CASES += [("tiny-vit", "bf16", zero, 2) for zero in (0, 1, 2)]  # accumulated in fp32
 ENGINE_CASES += [("tiny-resnet", "bf16", 0, 1), ("tiny-resnet", "bf16", 2, 1), ("tiny-resnet", "fp16", 1, 1)]
 STEPS = {"bf16": 3, "fp16": 10}  # fp16's loss scale starts at 2**16 and halves at each step that overflows
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def case_id(case: tuple) -> str:
