@@ -285,7 +285,7 @@ def measure(cell: dict) -> dict | None:
     from cliplite_dist.engine import set_cuda_math
 
     env = DistEnv.from_environ()
-    device = pick_device("auto", env.local_rank)
+    device = pick_device("auto", env)
     set_cuda_math(EngineConfig(), device)  # on a GPU, the objectives compute as in training
     init_distributed(env, device)
     malloc_thresholds(STEADY_MMAP_BYTES)  # every cell timed alike, the first too

@@ -61,7 +61,7 @@ def measure(cell: dict) -> dict | None:
     from cliplite_dist.distributed import DistEnv, init_distributed, pick_device
 
     env = DistEnv.from_environ()
-    device = pick_device("auto", env.local_rank)
+    device = pick_device("auto", env)
     if device.type == "cpu":  # ranks on one CPU machine share its cores: every cell, whatever its
         torch.set_num_threads(cell["threads"])  # rank count, gets the same cores per rank
     init_distributed(env, device)

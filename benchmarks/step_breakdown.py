@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
 
     env = DistEnv.from_environ()
-    device = pick_device("auto", env.local_rank)
+    device = pick_device("auto", env)
     init_distributed(env, device)
     cfgs, steps, dims = {}, {}, {}
     for name in (*OBJECTIVES, *([COMPILED] if args.compile else [])):

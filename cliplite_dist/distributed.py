@@ -152,13 +152,24 @@ class DistEnv:
         )
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK where a GPU is present (or asked for), else cpu."""
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    """cuda:LOCAL_RANK where a GPU is present (or asked for), else cpu. Every rank must see all of
+    its node's GPUs (torchrun; SLURM's --gpus-per-node), since DeepSpeed, too, takes a rank's GPU
+    by LOCAL_RANK. Where SLURM gives each task its own (--gpus-per-task, --gpu-bind), every rank
+    of the node fails here at once, instead of ranks 1.. alone, with rank 0 left waiting for them
+    until the rendezvous times out."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("engine.device=cuda but torch sees no GPU on this machine")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        visible = torch.cuda.device_count()
+        if visible < env.local_world_size:
+            raise RuntimeError(
+                f"rank {env.rank} sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) but its node runs {env.local_world_size} ranks: "
+                "each rank must see all of the node's GPUs and takes the one at its local rank. On SLURM, request "
+                "--gpus-per-node without --gpus-per-task, --ntasks-per-gpu or --gpu-bind")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
 
 

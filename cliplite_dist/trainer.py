@@ -40,7 +40,7 @@ class Trainer:
         self.cfg = cfg
         self.on_stop = on_stop
         self.env = DistEnv.from_environ()
-        self.device = pick_device(cfg.engine.device, self.env.local_rank)
+        self.device = pick_device(cfg.engine.device, self.env)
         self.run_dir = cfg.run_dir  # local: a run with a remote output_dir is staged here
         self.stop = stopping.StopFlag()
         self.sync: rundir.RunDirSync | None = None  # remote output_dir: local rank 0 of each node

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from cliplite_dist.distributed import DistEnv, expand_nodelist, slurm_port
+from cliplite_dist.distributed import DistEnv, expand_nodelist, pick_device, slurm_port
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
@@ -54,3 +55,23 @@ def test_torchrun_wins_over_slurm_and_export_round_trips():
 def test_single_process_default():
     env = DistEnv.from_environ({})
     assert (env.rank, env.world_size, env.local_rank, env.source) == (0, 1, 0, "single")
+
+
+@pytest.mark.parametrize("procid", [0, 6])
+def test_a_rank_takes_the_gpu_at_its_local_rank_and_refuses_a_node_that_shows_each_rank_one(monkeypatch, procid):
+    """--gpus-per-node: every rank of a 4-rank node sees its 4 GPUs and takes the one at its local
+    rank. --gpus-per-task: each sees one, where DeepSpeed would still ask for cuda:LOCAL_RANK; then
+    every rank refuses, local rank 0 too (else it would wait for the others until the rendezvous
+    timed out), and says what to request."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    env = DistEnv.from_environ(slurm_env(procid))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device("auto", env) == torch.device("cuda", procid % 4) and chosen == [procid % 4]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    with pytest.raises(RuntimeError, match=r"sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=2\) but its node runs 4 ranks.*"
+                                           r"--gpus-per-node without --gpus-per-task"):
+        pick_device("cuda", env)
+    assert chosen == [procid % 4]  # nothing set

@@ -108,7 +108,7 @@ def engine_cases_main(out: str) -> None:
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env = DistEnv.from_environ()
-    device = pick_device("cuda", env.local_rank)
+    device = pick_device("cuda", env)
     init_distributed(env, device)
     results = {"backend": dist.get_backend(), "world_size": dist.get_world_size(), "cases": {}}
     for case in ENGINE_CASES:

@@ -32,11 +32,13 @@ def test_one_task_per_gpu_and_cpu_default_from_workers(tmp_path):
     params = slurm_parameters(SlurmOptions(nodes=4, gpus_per_node=8, partition="gpu", account="proj",
                                            qos="high", exclude="gpu013", constraint="a100", mem="400G"), cfg)
     assert params["ntasks_per_node"] == 8 and params["cpus_per_task"] == 8 and params["nodes"] == 4
+    assert params["srun_args"] == ["--cpus-per-task", "8"]  # Slurm 22.05-23.02's srun ignores the job's
     assert {params[k] for k in ("partition", "account", "qos", "exclude", "constraint", "mem")} == \
         {"gpu", "proj", "high", "gpu013", "a100", "400G"}
     assert params["comment"] == str(tmp_path.resolve())
     cpu = slurm_parameters(SlurmOptions(tasks_per_node=2, cpus_per_task=1), cfg)
     assert cpu["ntasks_per_node"] == 2 and cpu["cpus_per_task"] == 1 and "gpus_per_node" not in cpu
+    assert cpu["srun_args"] == ["--cpus-per-task", "1"]
 
 
 def test_dry_run_is_the_sbatch_script_for_four_nodes_of_eight_gpus(tmp_path):
@@ -47,6 +49,8 @@ def test_dry_run_is_the_sbatch_script_for_four_nodes_of_eight_gpus(tmp_path):
                  "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --signal=USR2@300",
                  "#SBATCH --open-mode=append", "srun --unbuffered"):
         assert line in script, (line, script)
+    srun = next(line for line in script.splitlines() if line.startswith("srun"))
+    assert f" --cpus-per-task {cfg.data.workers + 1} " in srun, srun
     assert not (tmp_path / "slurm").exists() or not any((tmp_path / "slurm").iterdir())
 
 

@@ -79,11 +79,14 @@ def validate_options(opts: SlurmOptions) -> None:
 
 def slurm_parameters(opts: SlurmOptions, cfg: Config) -> dict:
     """submitit SlurmExecutor parameters (their names follow sbatch's options). The job's comment
-    is the output root, where `cliplite-status JOB_ID` finds the run directory."""
+    is the output root, where `cliplite-status JOB_ID` finds the run directory. srun is given the
+    CPUs per task too: from Slurm 22.05 to 23.02 it ignores the job's, and a task and its loader
+    workers got one core."""
+    cpus = opts.cpus_per_task or cfg.data.workers + 1
     params = {
         "nodes": opts.nodes, "ntasks_per_node": opts.ntasks_per_node, "time": time_minutes(opts.time),
         "signal_delay_s": opts.signal_delay, "job_name": opts.job_name or cfg.run.name,
-        "comment": str(output_root(cfg)), "cpus_per_task": opts.cpus_per_task or cfg.data.workers + 1,
+        "comment": str(output_root(cfg)), "cpus_per_task": cpus, "srun_args": ["--cpus-per-task", str(cpus)],
     }
     optional = {"gpus_per_node": opts.gpus_per_node,
                 "partition": opts.partition, "account": opts.account, "qos": opts.qos,
