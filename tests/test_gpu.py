@@ -38,6 +38,7 @@ pytestmark = pytest.mark.gpu
 ENGINE_CASES = [(model, precision, zero, 1) for model in ("tiny-vit",) for precision in ("bf16", "fp16")
                 for zero in (0, 1, 2, 3)]
 ENGINE_CASES += [("tiny-vit", "bf16", zero, 2) for zero in (0, 1, 2)]  # accumulated in fp32
+ENGINE_CASES += [("tiny-vit", "fp16", 0, 2)]  # the loss scale divided out once, at the last micro-batch
 ENGINE_CASES += [("tiny-resnet", "bf16", 0, 1), ("tiny-resnet", "bf16", 2, 1), ("tiny-resnet", "fp16", 1, 1)]
 STEPS = {"bf16": 3, "fp16": 10}  # fp16's loss scale starts at 2**16 and halves at each step that overflows
 
