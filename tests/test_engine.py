@@ -164,7 +164,7 @@ def test_a_training_step_without_zero_reads_nothing_back_to_the_host(single_rank
     info = build_engine(model, cfg, torch.device("cpu"))
     images = torch.randn(4, 3, 64, 64, dtype=info.input_dtype)
     tokens = towers.tokenizer(["a red circle", "a blue square", "two stars", "a green cross"])
-    for measured in (False, False, True):  # the first step builds the optimizer state
+    for measured in (False, False, True):  # the first builds the optimizer state; a timer syncs from the third
         counted = DispatchCount()
         with counted if measured else contextlib.nullcontext():
             for _ in range(accum):
