@@ -42,11 +42,15 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    return int(tag.rsplit("_", 1)[1])
+
+
 def _complete_tags(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / COMPLETE).exists()]
-    return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
+    return sorted(tags, key=step_of)
 
 
 def find_latest(root: Path) -> str | None:

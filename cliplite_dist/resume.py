@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +54,55 @@ class Resume:
         return state
 
 
-def find(cfg: Config, sync: rundir.RunDirSync | None, device: torch.device) -> tuple[Path, str] | None:
-    """(checkpoints folder, tag) of the newest checkpoint (run.resume=auto, after a remote run
-    directory's newest complete one has come down: collective) or of the one named; None to start."""
+def find(cfg: Config, env: DistEnv, sync: rundir.RunDirSync | None,
+         device: torch.device) -> tuple[Path, str] | None:
+    """Collective: (checkpoints folder, tag) of the newest checkpoint (run.resume=auto, after a
+    remote run directory's newest complete one has come down) or of the one named; None to start."""
     mode, root = cfg.run.resume, cfg.run_dir / rundir.CHECKPOINTS
     if mode == "never":
         return None
     if mode == "auto" and cfg.run_url:
         rundir.pull_for_resume(sync, device)
-    root, tag = (root, checkpoint.find_latest(root)) if mode == "auto" else (Path(mode).parent, Path(mode).name)
-    return None if tag is None else (root, tag)
+    if mode == "auto":
+        tag = _agreed_latest(root, env, device)
+        return None if tag is None else (root, tag)
+    root, tag = Path(mode).parent, Path(mode).name
+
+    def check() -> None:
+        if not (root / tag).is_dir():
+            raise FileNotFoundError(f"{_rank_here(env)} sees no checkpoint {root / tag} (run.resume): every node "
+                                    f"must see it")
+
+    run_and_agree(check, device, "finding the checkpoint of run.resume")
+    return root, tag
+
+
+def _agreed_latest(root: Path, env: DistEnv, device: torch.device) -> str | None:
+    """Rank 0's newest complete checkpoint under `root`, which every rank must see complete too.
+    Ranks that resumed from different steps (a node-local run directory, a stale listing on a
+    network filesystem) would train on mismatched weights or wait on each other for ever."""
+    def newest() -> int:
+        tag = checkpoint.find_latest(root)
+        return -1 if tag is None else checkpoint.step_of(tag)
+
+    step, _ = run_and_agree(newest if env.is_main else None, device, f"finding the newest checkpoint under {root}")
+    chosen = None if step < 0 else checkpoint.tag_for(step)
+    where = _rank_here(env)
+    advice = "every node must see the same run.output_dir (a shared filesystem, or a URL that the run mirrors to)"
+
+    def check() -> None:
+        if chosen is None and (mine := checkpoint.find_latest(root)) is not None:
+            raise FileNotFoundError(f"{where} sees checkpoint {root / mine} where rank 0 sees none: {advice}")
+        if chosen is not None and not (root / chosen / checkpoint.COMPLETE).exists():
+            raise FileNotFoundError(f"{where} does not see {root / chosen} complete, which rank 0 resumes from: "
+                                    f"{advice}")
+
+    run_and_agree(check, device, "checking that every rank sees the checkpoint to resume")
+    return chosen
+
+
+def _rank_here(env: DistEnv) -> str:
+    return f"rank {env.rank} on {socket.gethostname()}"
 
 
 def _universal_copy(root: Path, tag: str, env: DistEnv, device: torch.device) -> Path:
@@ -83,7 +123,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device, sync: rundir.RunDir
     """Collective: the checkpoint to resume (None: start afresh), made ready for this run's ranks;
     a warm start's weights are in `model` on return. Build the engine with
     `load_universal=resume.universal is not None`."""
-    found = find(cfg, sync, device)
+    found = find(cfg, env, sync, device)
     if found is None:
         return None
     optimizer = cfg.optim.name + (" in Lookahead" if cfg.optim.lookahead_k else "")

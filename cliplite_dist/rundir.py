@@ -51,10 +51,6 @@ class SyncError(RuntimeError):
     """The last upload of a run directory failed; its staging directory still holds every file."""
 
 
-def _step(tag: str) -> int:
-    return int(tag.rsplit("_", 1)[1])
-
-
 def _tag_of(rel: str) -> str | None:
     """The checkpoint a run-relative path belongs to, if any."""
     parts = rel.split("/")
@@ -128,7 +124,7 @@ class RunDirSync:
         with self._lock:
             tags, others = self._scan()
             remote_complete = set() if 0 in self.nodes or final else self._remote_with_complete()
-            for tag in sorted(tags, key=_step):
+            for tag in sorted(tags, key=checkpoint.step_of):
                 self._sync_checkpoint(tag, tags[tag], final or tag in remote_complete)
             self._prune(set(tags), remote_complete)
             for rel, stat in others.items():
@@ -197,9 +193,9 @@ class RunDirSync:
         for tag in uploaded - local_tags:
             self._remove_checkpoint(tag)
         if remote_complete:
-            newest = max(remote_complete, key=_step)
+            newest = max(remote_complete, key=checkpoint.step_of)
             for tag in self._marked - remote_complete:
-                if _step(tag) < _step(newest):
+                if checkpoint.step_of(tag) < checkpoint.step_of(newest):
                     self._remove_checkpoint(tag)
                     shutil.rmtree(self.local / CHECKPOINTS / tag, ignore_errors=True)
 
@@ -251,7 +247,7 @@ class RunDirSync:
             tag, name = path.rsplit("/", 2)[-2:]
             markers.setdefault(tag, set()).add(name)
         complete = []
-        for tag in sorted(with_complete, key=_step):
+        for tag in sorted(with_complete, key=checkpoint.step_of):
             match = _NODES.search(self.fs.cat_file(f"{base}/{tag}/{checkpoint.COMPLETE}").decode())
             nodes = int(match.group(1)) if match else 1
             if all(f"{NODE_MARKER}{n}" in markers.get(tag, ()) for n in range(nodes)):
@@ -300,7 +296,8 @@ class RunDirSync:
             if tag is not None and tag not in complete:
                 raise FileNotFoundError(f"{self.url} has no complete checkpoint {tag} (complete: {complete})")
             remote = tag or (complete[-1] if complete else None)
-            if remote is None or (tag is None and local is not None and _step(local) >= _step(remote)):
+            step_of = checkpoint.step_of
+            if remote is None or (tag is None and local is not None and step_of(local) >= step_of(remote)):
                 return local
             part = ckpt / f".pull-{remote}"
             shutil.rmtree(part, ignore_errors=True)
@@ -377,7 +374,7 @@ def pull_for_resume(sync: RunDirSync | None, device: torch.device) -> None:
 
     def pull() -> int:
         tag = sync.pull()
-        return -1 if tag is None else _step(tag)
+        return -1 if tag is None else checkpoint.step_of(tag)
 
     low, high = run_and_agree(sync and pull, device, "pulling the newest checkpoint")
     if low != high:

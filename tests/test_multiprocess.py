@@ -1,11 +1,15 @@
 """2-process torchrun runs over gloo: ZeRO 0-3 in fp32 and bf16, every objective, 3 shards read
-by 2 ranks x 2 workers (fewer shards than readers), and a signal to one rank stopping both."""
+by 2 ranks x 2 workers (fewer shards than readers), a signal to one rank stopping both, and
+ranks that would resume from different checkpoints stopping instead."""
 import signal
+import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from runkit import RECIPE, clean_env, run, tiny_overrides, torchrun_command
+from runkit import RECIPE, clean_env, free_port, run, tiny_overrides, torchrun_command, train_command
 from test_train import EXIT_INTERRUPTED, wait_for_step
 
 CASES = [
@@ -109,3 +113,36 @@ def test_zero3_two_ranks_resume_from_checkpoint(tiny_corpus, tmp_path):
     assert f"resumed from {tmp_path / 't' / 'checkpoints' / 'step_00000004'} at step 4" in out
     assert "step 5/6" in out and "step 1/6" not in out
     assert (tmp_path / "t" / "checkpoints" / "step_00000006" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("holder", [0, 1], ids=["rank0-has-it", "rank1-has-it"])
+def test_nodes_that_see_different_checkpoints_stop_instead_of_resuming_apart(tiny_corpus, tmp_path, holder):
+    """Two one-rank "nodes" whose run.output_dir is a relative path, so each sees its own working
+    directory's run (a node-local run directory); one of them holds a checkpoint. Both stop at
+    start-up naming the checkpoint, instead of one rank resuming at step 2 while the other starts at 0."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    overrides = tiny_overrides(tiny_corpus, "runs", **{"data.eval": "''", "data.eval_zeroshot": "''",
+                                                        "train.steps": 2, "train.checkpoint_every": 0})
+    for node in nodes:
+        node.mkdir()
+    first = subprocess.run(train_command() + [RECIPE] + overrides, cwd=nodes[holder], env=clean_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    port = free_port()
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={k}",
+                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                "-m", "cliplite_dist", RECIPE] + overrides + ["train.steps=4"],
+                               cwd=nodes[k], env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for k in (0, 1)]
+    outs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert all(agent.returncode != 0 for agent in agents), outs
+    checkpoint = Path("runs") / "t" / "checkpoints"
+    if holder == 0:
+        expected = f"rank 1 on {socket.gethostname()} does not see {checkpoint / 'step_00000002'} complete, " \
+                   "which rank 0 resumes from"
+    else:
+        expected = f"rank 1 on {socket.gethostname()} sees checkpoint {checkpoint / 'step_00000002'} where rank 0 " \
+                   "sees none"
+    assert expected in outs[1], outs[1][-4000:]
+    assert "checking that every rank sees the checkpoint to resume failed on another node" in outs[0], outs[0][-4000:]
+    assert "resumed from" not in outs[0] + outs[1]
