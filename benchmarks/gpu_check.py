@@ -121,7 +121,7 @@ class Scale:
 GPU = Scale("cuda", "ViT-B-32", 256, steps=40, log_every=10, workers=8, pairs=2, rounds=20, recipe_steps=20)
 # Toy sizes on the CPU; the recipes keep their objective, ZeRO stage, precision and augmentation.
 REHEARSAL = Scale("cpu", "micro-vit", 8, steps=4, log_every=2, workers=1, pairs=1, rounds=2, recipe_steps=4,
-                  recipe_overrides=("model.name=micro-vit", "data.batch_size=8", "data.workers=1"),
+                  recipe_overrides=("engine.device=cpu", "model.name=micro-vit", "data.batch_size=8", "data.workers=1"),
                   data_args=("--device", "cpu", "--quick"))
 
 

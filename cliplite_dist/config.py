@@ -196,6 +196,9 @@ class EngineConfig:
     # On GPUs: fp32 matrix products and convolutions in TF32 (Ampere on), as open_clip_train runs;
     # false keeps them in full fp32
     tf32: bool = True
+    # How long a rank waits in a collective for the others before the run stops (a rank died or
+    # hung); raise it where one rank alone works long before training (a universal conversion)
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -392,6 +395,8 @@ def validate(cfg: Config) -> None:
                           f"how often each corpus is drawn, which only a resampled stream can honour")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction!r} must be within [0, 1] (1: never stop)")
+    if cfg.engine.collective_timeout_s <= 0:
+        raise ConfigError(f"engine.collective_timeout_s={cfg.engine.collective_timeout_s!r} must be > 0")
     if cfg.data.connect_timeout_s <= 0:
         raise ConfigError(f"data.connect_timeout_s={cfg.data.connect_timeout_s!r} must be > 0")
     if cfg.data.resampled and cfg.data.samples_per_epoch == 0 and cfg.data.num_samples == 0:

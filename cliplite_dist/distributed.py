@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from cliplite_dist.config import EngineConfig
+
 _BRACKET = re.compile(r"\[([^\]]*)\]")
 
 
@@ -74,10 +76,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def slurm_port(job_id: str, restart_count: int = 0) -> int:
-    """A port every task of a job derives alike; a requeued job (new restart count) gets a new one,
-    so its rendezvous never meets a stale store from the previous allocation."""
-    return 15000 + (int(job_id) * 7 + restart_count * 101) % 20000
+def slurm_port(job_id: str, restart_count: int = 0, step_id: int = 0) -> int:
+    """A port every task of a job step derives alike; a requeued job (new restart count) gets a new
+    one, so its rendezvous never meets a stale store from the previous allocation, and so does
+    each step of one allocation (two trainings started side by side with srun)."""
+    return 15000 + (int(job_id) * 7 + restart_count * 101 + step_id * 13) % 20000
 
 
 @dataclass(frozen=True)
@@ -118,15 +121,21 @@ class DistEnv:
                 source="torchrun",
             )
         if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+            # srun's step may span fewer nodes than the job (srun -N 2 in a 4-node allocation):
+            # rank 0 runs on the step's first node, which need not be the job's
+            nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+                        or "127.0.0.1")
+            step = env.get("SLURM_STEP_ID", "0")
             return cls(
                 rank=int(env["SLURM_PROCID"]),
                 world_size=int(env["SLURM_NTASKS"]),
                 local_rank=int(env.get("SLURM_LOCALID", 0)),
-                local_world_size=_tasks_on_first_node(env.get("SLURM_TASKS_PER_NODE", "1")),
+                local_world_size=_tasks_on_first_node(env.get("SLURM_STEP_TASKS_PER_NODE")
+                                                      or env.get("SLURM_TASKS_PER_NODE", "1")),
                 master_addr=expand_nodelist(nodelist)[0],
                 master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"),
-                                                                     int(env.get("SLURM_RESTART_COUNT", 0)))),
+                                                                     int(env.get("SLURM_RESTART_COUNT", 0)),
+                                                                     int(step) if step.isdigit() else 0)),
                 source="slurm",
             )
         if "SUBMITIT_LOCAL_GLOBALID" in env:  # submitit's local executor (`cliplite-submit --local`)
@@ -160,7 +169,11 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
     until the rendezvous times out."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("engine.device=cuda but torch sees no GPU on this machine")
+            raise RuntimeError(
+                f"engine.device=cuda but torch sees no GPU on {socket.gethostname()} (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}, torch {torch.__version__} built for CUDA "
+                f"{torch.version.cuda or 'none'}): give the job GPUs (SLURM: --gpus-per-node), or set "
+                "engine.device=auto to train on the CPU")
         visible = torch.cuda.device_count()
         if visible < env.local_world_size:
             raise RuntimeError(
@@ -173,9 +186,11 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 1800) -> None:
+def init_distributed(env: DistEnv, device: torch.device,
+                     timeout_s: float = EngineConfig.collective_timeout_s) -> None:
     """Start the process group: nccl for CUDA devices, gloo on CPU. Always a group, even of one,
-    so the trainer and DeepSpeed take a single code path."""
+    so the trainer and DeepSpeed take a single code path. A collective that waits `timeout_s`
+    for another rank stops the run."""
     import deepspeed
 
     env.export()
@@ -187,13 +202,13 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 1800) 
                                world_size=env.world_size)
 
 
-def host_group() -> torch.distributed.ProcessGroup | None:
+def host_group(timeout_s: float = EngineConfig.collective_timeout_s) -> torch.distributed.ProcessGroup | None:
     """A group of all ranks whose collectives take CPU tensors (gloo), for flags the hosts agree
     on without waiting for their GPUs; None (the default group) where that is gloo already.
     Every rank must call it, in the same order as other group creations."""
     if torch.distributed.get_backend() == "gloo":
         return None
-    return torch.distributed.new_group(backend="gloo")
+    return torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 _UNSET = -(2**62)  # no value in a MAX all-reduce

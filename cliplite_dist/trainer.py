@@ -55,8 +55,8 @@ class Trainer:
         # a run that writes its own synthetic corpus looks its shards up once they are written.
         found = None if cfg.data.synthetic.train_samples else data.find_corpora(cfg.data)
         data.check_shared_memory(cfg.data, image_size(cfg.model), env.local_world_size)
-        init_distributed(env, self.device)
-        self.stop.group = host_group()
+        init_distributed(env, self.device, cfg.engine.collective_timeout_s)
+        self.stop.group = host_group(cfg.engine.collective_timeout_s)
         self.sync = rundir.start_sync(cfg, env, self.device)  # before the logs open: they continue the remote's
         runlog.setup_logging(self.run_dir, env.rank)
         if self.sync is not None:

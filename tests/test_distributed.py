@@ -1,7 +1,11 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from cliplite_dist.distributed import DistEnv, expand_nodelist, pick_device, slurm_port
+from runkit import REPO, clean_env, free_port, train_command
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
@@ -33,6 +37,17 @@ def test_two_nodes_by_four_tasks(procid):
     assert env.source == "slurm"
     # every task derives the same port
     assert env.master_port == DistEnv.from_environ(slurm_env(0)).master_port
+
+
+def test_a_step_on_part_of_the_allocation_meets_on_its_own_first_node():
+    """srun -N 1 --ntasks-per-node 2 inside a 2-node x 4-task job on gpu[001-002], landing on gpu002
+    (the job's first node busy with another step): rank 0 is on gpu002, two ranks per node, and
+    the step's port is not the first step's."""
+    step = {**slurm_env(0), "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "gpu002", "SLURM_STEP_TASKS_PER_NODE": "2",
+            "SLURM_STEP_ID": "1"}
+    env = DistEnv.from_environ(step)
+    assert (env.master_addr, env.world_size, env.local_world_size) == ("gpu002", 2, 2)
+    assert env.master_port != DistEnv.from_environ({**step, "SLURM_STEP_ID": "0"}).master_port
 
 
 def test_requeue_gets_a_fresh_rendezvous_port():
@@ -75,3 +90,24 @@ def test_a_rank_takes_the_gpu_at_its_local_rank_and_refuses_a_node_that_shows_ea
                                            r"--gpus-per-node without --gpus-per-task"):
         pick_device("cuda", env)
     assert chosen == [procid % 4]  # nothing set
+
+
+def test_a_rank_that_never_arrives_stops_the_run_after_the_collective_timeout():
+    """engine.collective_timeout_s reaches the process group: rank 0 of two, alone, gives up
+    after 2 s instead of torch's default 30 minutes."""
+    script = ("import torch\n"
+              "from cliplite_dist.distributed import DistEnv, init_distributed\n"
+              f"init_distributed(DistEnv(rank=0, world_size=2, master_port={free_port()}), torch.device('cpu'), 2)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "1/2 clients joined" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_a_gpu_recipe_on_a_machine_without_one_stops_instead_of_training_on_the_cpu(tmp_path):
+    proc = subprocess.run(train_command() + [str(REPO / "recipes" / "cc3m-vitb32.yaml"), f"run.output_dir={tmp_path}"],
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "engine.device=cuda but torch sees no GPU" in proc.stderr and "engine.device=auto" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "cc3m-vitb32").exists()
