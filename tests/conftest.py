@@ -88,3 +88,15 @@ def gcs_env(gcs_server, monkeypatch):
     from storekit import pointed_at
 
     yield from pointed_at(gcs_server, monkeypatch)
+
+
+@pytest.fixture
+def memory_cgroup():
+    from cgroupkit import MemoryCgroup
+
+    try:
+        group = MemoryCgroup(f"cliplite-test-{os.getpid()}")
+    except OSError as exc:
+        pytest.skip(f"needs a memory cgroup this process may create (root, cgroup v1 or v2): {exc}")
+    yield group
+    group.remove()

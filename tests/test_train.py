@@ -90,3 +90,17 @@ def test_too_little_shared_memory_stops_at_once_naming_the_fix(tiny_corpus, tmp_
     assert "shared memory in /dev/shm" in proc.stderr and f"data.batch_size={batch}" in proc.stderr
     assert "data.workers=1" in proc.stderr and "--shm-size" in proc.stderr
     assert not (tmp_path / "t" / "checkpoints").exists()  # stopped before anything ran
+
+
+def test_shared_memory_beyond_the_jobs_memory_limit_stops_at_once_naming_mem(tiny_corpus, tmp_path, memory_cgroup):
+    """A job whose loaders would write more to /dev/shm (free: plenty) than its memory cgroup
+    allows (SLURM's --mem) stops at start-up instead of being killed by the kernel mid-run."""
+    memory_cgroup.limit(2 * 2**30)
+    batch = 4 * 2**30 // (7 * 3 * 32 * 32 * 5 // 4) + 1  # about 4 GiB of buffers for one worker
+    proc = run(["sh", "-c", f'echo $$ > {memory_cgroup.procs} && exec "$@"', "sh"] + train_command() + [RECIPE]
+               + tiny_overrides(tiny_corpus, tmp_path, **{"data.batch_size": batch, "data.workers": 1,
+                                                           "model.name": "micro-vit"}), timeout=120)
+    assert proc.returncode == 78, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "counts against this job's memory limit" in proc.stderr and "2.00 GiB limit" in proc.stderr
+    assert f"cgroup {memory_cgroup.path}" in proc.stderr and "--mem" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "t" / "checkpoints").exists()

@@ -31,7 +31,7 @@ from cliplite_dist.data.opener import ShardOpener
 from cliplite_dist.data.shards import Corpus
 from cliplite_dist.data.slots import SlotPosition, SlotReader, stable_seed
 from cliplite_dist.data.transforms import RandomResizedCropUint8, decode_pil, decode_uint8
-from cliplite_dist import stopping
+from cliplite_dist import memlimit, stopping
 
 log = logging.getLogger(__name__)
 
@@ -322,24 +322,32 @@ class SharedMemoryShortfall(RuntimeError):
 
 def check_shared_memory(cfg: DataConfig, image_size: int, ranks_here: int, where: str = SHARED_MEMORY) -> int:
     """Stop at start-up, with the fix in words, if the loader workers of the `ranks_here` ranks of
-    this machine would need more shared memory than `where` has free. Each worker has about
-    PREFETCH_BATCHES + 3 batches in flight (prefetched, being pinned, in the step, being written),
-    each in a buffer a quarter larger than the batch (handoff.SharedBuffers). Returns the bytes
-    needed, a floor: resized uint8 images (whole JPEGs are smaller, unresized crops larger)."""
+    this machine would need more shared memory than `where` has free, or than the job's memory
+    limit leaves (shared memory counts against it). Each worker has about PREFETCH_BATCHES + 3
+    batches in flight (prefetched, being pinned, in the step, being written), each in a buffer a
+    quarter larger than the batch (handoff.SharedBuffers). Returns the bytes needed, a floor:
+    resized uint8 images (whole JPEGs are smaller, unresized crops larger)."""
     if cfg.workers == 0:
         return 0
     batch = cfg.batch_size * 3 * image_size * image_size
     need = ranks_here * cfg.workers * (PREFETCH_BATCHES + 3) * batch * 5 // 4
     stat = os.statvfs(where)
     free = stat.f_bavail * stat.f_frsize
+    limit = memlimit.tightest()
+    if need <= free and (limit is None or need <= limit.headroom):
+        return need
+    what = (f"the data loader needs about {need / 2**30:.2f} GiB of shared memory in {where} ({ranks_here} rank(s) "
+            f"x data.workers={cfg.workers} x {PREFETCH_BATCHES + 3} batches in flight of data.batch_size="
+            f"{cfg.batch_size} at {image_size} px)")
     if need > free:
         raise SharedMemoryShortfall(
-            f"the data loader needs about {need / 2**30:.2f} GiB of shared memory in {where} ({ranks_here} rank(s) "
-            f"x data.workers={cfg.workers} x {PREFETCH_BATCHES + 3} batches in flight of data.batch_size="
-            f"{cfg.batch_size} at {image_size} px), and {free / 2**30:.2f} GiB is free there. Lower data.workers "
-            f"or data.batch_size, or give the job more shared memory (docker run --shm-size=..., a larger {where} "
-            f"mount; on SLURM, --mem counts it on most clusters)")
-    return need
+            f"{what}, and {free / 2**30:.2f} GiB is free there. Lower data.workers or data.batch_size, or give the "
+            f"job more shared memory (docker run --shm-size=..., a larger {where} mount; on SLURM, --mem counts it "
+            f"on most clusters)")
+    raise SharedMemoryShortfall(
+        f"{what}, which counts against this job's memory limit, and that leaves {limit.headroom / 2**30:.2f} GiB "
+        f"({limit.limit / 2**30:.2f} GiB limit, {limit.usage / 2**30:.2f} GiB in use, cgroup {limit.cgroup}). Lower "
+        f"data.workers or data.batch_size, or ask for more memory (SLURM: --mem, or --mem-per-gpu)")
 
 
 def make_loader(stream: BatchStream, workers: int, pin_memory: bool) -> DataLoader:
