@@ -181,10 +181,11 @@ def deepspeed_config(cfg: Config, precision: str, load_universal: bool = False) 
     if autocast:
         # no module's gradients marked for 16-bit reduction: all of them go over the wire in fp32
         ds["torch_autocast"] = {"enabled": True, "dtype": precision, "lower_precision_safe_modules": []}
-    elif precision == "bf16":
-        # a bf16 sum over 64 ranks keeps ~3 significant digits of each rank's gradient
+    elif precision in LOW_PRECISION:
+        # a sum over 64 ranks rounded to 16 bits at every hop (bf16 keeps 8 significant bits, fp16
+        # 11) loses what open_clip's AMP, fp32 gradients on the wire, keeps
         ds["communication_data_type"] = "fp32"
-        if cfg.optim.grad_accum > 1:
+        if precision == "bf16" and cfg.optim.grad_accum > 1:  # fp16 ZeRO accumulates in its weights' dtype
             ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
 

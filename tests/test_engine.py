@@ -257,8 +257,9 @@ def test_a_zero_engine_after_an_autocast_one_still_reduces_in_fp32(single_rank_g
 
 @pytest.fixture
 def fp16_on_cpu(monkeypatch):
-    """fp16 is refused on CPU (`resolve_precision`), but its path without ZeRO, torch autocast and
-    GradScaler, has CPU kernels: the engine is built as a GPU would build it."""
+    """fp16 is refused on CPU (`resolve_precision`), but its paths (without ZeRO torch autocast and
+    GradScaler, under ZeRO DeepSpeed's fp16 weights) have CPU kernels: the engine is built as a GPU
+    would build it."""
     monkeypatch.setattr(engine_module, "resolve_precision", lambda cfg, device: "fp16")
 
 
@@ -303,6 +304,29 @@ def test_fp16_without_zero_scales_the_loss_and_clips_the_true_gradients(single_r
     resumed = build_engine(build_model(cfg.model, cfg.objective)[0], cfg, torch.device("cpu")).engine
     checkpoint.load(resumed, tmp_path, checkpoint.find_latest(tmp_path))
     assert resumed.torch_autocast_z0_gradscaler.get_scale() == 1024.0
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_fp16_under_zero_reduces_in_fp32_and_trains_once_its_loss_scale_settles(single_rank_group, fp16_on_cpu, zero):
+    """fp16 at ZeRO 1-3 is DeepSpeed's: fp16 weights, fp32 master copies, a dynamic loss scale.
+    Its gradients go over the wire in fp32 (they went in fp16, summed over ranks in fp16); the
+    first steps overflow at 2**16 and are skipped, then the weights move."""
+    cfg = Config()
+    cfg.model.name, cfg.data.batch_size, cfg.engine.zero_stage = "tiny-vit", 4, zero
+    torch.manual_seed(0)
+    model, towers = build_model(cfg.model, cfg.objective)
+    info = build_engine(model, cfg, torch.device("cpu"))
+    assert info.precision == "fp16" and set(info.engine.optimizer.ipg_buckets) == {torch.float32}
+    images = torch.randn(4, 3, 64, 64, dtype=info.input_dtype)
+    tokens = towers.tokenizer(["a red circle", "a blue square", "two stars", "a green cross"])
+    losses = []
+    for _ in range(6):
+        out = info.engine(images, tokens)
+        info.engine.backward(out.loss)
+        info.step()
+        losses.append(out.loss.item())
+    assert all(math.isfinite(v) for v in losses) and 0 < info.engine.skipped_steps < 6
+    assert losses[-1] != losses[0]  # a step was taken
 
 
 def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu():

@@ -74,6 +74,8 @@ def engine_case(model_name: str, precision: str, zero: int, accum: int, device: 
             "host_syncs_per_step": syncs,
             "param_dtypes": sorted({str(p.dtype) for p in info.engine.module.parameters()}),
             "master_dtypes": sorted({str(p.dtype) for p in info.engine.basic_optimizer.state}),  # what it steps
+            # ZeRO 1-3: the dtypes its reduction buckets send gradients over the wire in
+            "reduce_dtypes": sorted(str(d) for d in getattr(info.engine.optimizer, "ipg_buckets", {})),
             "batchnorm_stat_dtypes": sorted({str(m.running_mean.dtype) for m in batchnorms}),
             "batchnorm_steps": sorted({int(m.num_batches_tracked) for m in batchnorms})}
 
@@ -158,6 +160,7 @@ def test_low_precision_steps_under_every_zero_stage(engine_results, case):
     if autocast:
         assert result["host_syncs_per_step"] == 0
     assert result["master_dtypes"] == ["torch.float32"]  # the tensors the optimizer stepped
+    assert result["reduce_dtypes"] == ([] if autocast else ["torch.float32"])
     steps = STEPS[precision]
     assert len(result["losses"]) == steps * accum and all(math.isfinite(v) for v in result["losses"])
     # the same batch each step: a new loss means the weights moved (fp16: once its scale settled)
