@@ -129,11 +129,14 @@ class Trainer:
         console); collective (bad-data counts), and stops every rank once too much data is bad."""
         cfg, now = self.cfg, time.perf_counter()
         elapsed, steps = now - self.window[0], step - self.window[1]
-        data_metrics, bad_data = self.data.health()
+        data_metrics, waits, bad_data = self.data.health(elapsed)
         samples = steps * cfg.data.batch_size * self.env.world_size * cfg.optim.grad_accum
         extra = {"lr": self.engine.optimizer.param_groups[0]["lr"], "grad_norm": self.engine_info.grad_norm(),
-                 "samples_per_s": samples / elapsed, "data_wait_frac": self.data.waited() / elapsed,
-                 "epoch": self.data.epoch, "bad": data.TrainingData.bad_count(data_metrics)}
+                 "samples_per_s": samples / elapsed, "data_wait_frac": waits[self.env.rank]}
+        if len(waits) > 1:  # the rank that waited longest for its batches: the others wait for it at each reduction
+            slowest = max(range(len(waits)), key=waits.__getitem__)
+            extra.update(data_wait_frac_max=waits[slowest], data_wait_slowest_rank=slowest)
+        extra.update(epoch=self.data.epoch, bad=data.TrainingData.bad_count(data_metrics))
         if self.device.type == "cuda":  # the allocator's own count: no device sync
             extra["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         line = self.metrics.flush(step, extra, data_metrics)

@@ -5,11 +5,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from runkit import RECIPE, clean_env, free_port, run, tiny_overrides, torchrun_command, train_command
+from runkit import RECIPE, clean_env, free_port, metric_steps, run, tiny_overrides, torchrun_command, train_command
 from test_train import EXIT_INTERRUPTED, wait_for_step
 
 CASES = [
@@ -62,6 +63,29 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tiny_corpus, tmp_path):
     assert f"exitcode  : {EXIT_INTERRUPTED}" in out, out[-3000:]
 
 
+def test_the_log_names_the_rank_whose_data_is_slow(tiny_corpus, tmp_path):
+    """Rank 1's loader worker frozen for 4 s, as a node with slow storage would be: the log lines
+    of that window say that rank 1 waited most of it for batches, while rank 0 (which waited for
+    rank 1 in the gradient reduction) did not."""
+    overrides = tiny_overrides(tiny_corpus, tmp_path, **{
+        "train.steps": 40, "train.log_every": 1, "train.checkpoint_every": 0, "data.eval": "''"})
+    proc = subprocess.Popen(torchrun_command() + [RECIPE] + overrides, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_step(tmp_path / "t", 5, proc)
+    workers = subprocess.run(["pgrep", "-P", str(rank_pid(proc.pid, 1))], capture_output=True, text=True).stdout.split()
+    assert workers
+    subprocess.run(["kill", "-STOP", *workers], check=True)
+    time.sleep(4)
+    subprocess.run(["kill", "-CONT", *workers], check=True)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    rows = [m for m in metric_steps(tmp_path / "t") if "train/data_wait_frac_max" in m]
+    assert len(rows) == 40
+    slow = [m for m in rows if m["train/data_wait_frac_max"] > 0.5]
+    assert slow and all(m["train/data_wait_slowest_rank"] == 1 and m["train/data_wait_frac"] < 0.5 for m in slow), slow
+    assert "data_wait_slowest_rank 1" in out
+
+
 def rank_pid(agent_pid: int, rank: int) -> int:
     """The pid of torchrun's worker of `rank`: a child of the agent with RANK=rank in its environment
     (data-loader workers share the command line, so matching on it could pick one of them)."""
@@ -74,8 +98,6 @@ def rank_pid(agent_pid: int, rank: int) -> int:
 
 
 def losses(run_dir) -> list[float]:
-    from runkit import metric_steps
-
     return [m["train/loss"] for m in metric_steps(run_dir) if "train/loss" in m]
 
 

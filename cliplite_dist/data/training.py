@@ -91,7 +91,7 @@ class TrainingData:
         self.train_seed = seed
         self.epoch = 0  # of the newest batch taken
         self.fresh_order = False  # set on resume where positions cannot be continued
-        self.wait_s = 0.0  # spent waiting for batches since `waited()` last read it
+        self.wait_s = 0.0  # spent waiting for batches since the last log line (`health`)
         self._iterator: Iterator[Fetched] | None = None
         self.keys_file = None
         if cfg.record_keys:
@@ -161,21 +161,22 @@ class TrainingData:
         info.release()  # both copied: the worker may write its next batch over them
         return images, tokens
 
-    def waited(self) -> float:
-        """Seconds spent waiting for batches since the last call."""
-        waited, self.wait_s = self.wait_s, 0.0
-        return waited
-
-    # ---- bad data -----------------------------------------------------------------------------
-    def health(self) -> tuple[dict[str, float], TooMuchBadData | None]:
-        """Collective: the bad-data counts of all ranks (TensorBoard's data/ scalars), and the error
-        to stop with once the bad fraction passes data.max_bad_fraction (the same on every rank).
-        Called at each log line, it also flushes the key record (data.record_keys) to disk."""
+    # ---- the data's health over all ranks -----------------------------------------------------
+    def health(self, window_s: float) -> tuple[dict[str, float], list[float], TooMuchBadData | None]:
+        """Collective, at each log line: the bad-data counts of all ranks (TensorBoard's data/
+        scalars); each rank's fraction of the last `window_s` seconds spent waiting for batches
+        (the ranks wait for the slowest one in every step, so a node with slow storage or too few
+        cores shows here); and the error to stop with once the bad fraction passes
+        data.max_bad_fraction (the same on every rank). One all-reduce carries both. Also flushes
+        the key record (data.record_keys) to disk."""
         totals = self.progress.tally.totals()
         names = list(totals)
-        summed = torch.tensor([totals[n] for n in names], dtype=torch.float64, device=self.device)
+        waits = [0.0] * self.env.world_size
+        waits[self.env.rank], self.wait_s = self.wait_s / window_s, 0.0
+        summed = torch.tensor([totals[n] for n in names] + waits, dtype=torch.float64, device=self.device)
         dist.all_reduce(summed)
-        totals = dict(zip(names, summed.tolist()))
+        values = summed.tolist()
+        totals, waits = dict(zip(names, values)), values[len(names):]
         sample_fraction, shard_fraction = fractions(totals)
         metrics = {f"data/bad_{kind}": totals[kind] for kind in BAD_KINDS}
         metrics.update({"data/bad_sample_fraction": sample_fraction, "data/lost_shard_fraction": shard_fraction,
@@ -183,10 +184,10 @@ class TrainingData:
         if self.keys_file is not None:
             self.keys_file.flush()
         if not exceeds(totals, self.cfg.max_bad_fraction):
-            return metrics, None
+            return metrics, waits, None
         worst = [None] * self.env.world_size
         dist.all_gather_object(worst, self.progress.tally.worst_shards())
-        return metrics, too_much_bad_data(totals, sum(worst, Counter()), self.cfg.max_bad_fraction)
+        return metrics, waits, too_much_bad_data(totals, sum(worst, Counter()), self.cfg.max_bad_fraction)
 
     @staticmethod
     def bad_count(metrics: dict[str, float]) -> int:
