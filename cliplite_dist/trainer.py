@@ -126,7 +126,8 @@ class Trainer:
 
     def _log(self, step: int) -> None:
         """Training metrics of the steps since the last log line (TensorBoard, metrics.jsonl, the
-        console); collective (bad-data counts), and stops every rank once too much data is bad."""
+        console); collective (bad-data counts, data waits), and stops every rank once too much data
+        is bad."""
         cfg, now = self.cfg, time.perf_counter()
         elapsed, steps = now - self.window[0], step - self.window[1]
         data_metrics, waits, bad_data = self.data.health(elapsed)
