@@ -175,7 +175,8 @@ def main() -> None:
                              "-" if r["loss_fwd_bwd_ms"] is None else f"{r['loss_fwd_bwd_ms']:.3f}",
                              f"{r['step_ms']:.1f}", f"{r['step_samples_per_s']:.1f}",
                              f"{r['tflop_per_step']:.3g}", f"{r['tflop_per_s']:.3g}",
-                             *("-" if r[key] is None else r[key] for key in ("ops_per_step", "host_reads_per_step", "syncs_per_step"))]
+                             *("-" if r[key] is None else r[key]
+                               for key in ("ops_per_step", "host_reads_per_step", "syncs_per_step"))]
                             for r in rows])
     summary = "\n".join(
         f"{key.replace('_over_', ' ÷ ')} samples/s, per round of one step each ({args.rounds} rounds, alternating "
